@@ -1,0 +1,440 @@
+"""``FisherMaskCallback``: FISH-Tuning for any Lightning (+ peft) training run.
+
+Lifecycle, in optimizer steps:
+
+1. **Dense warmup.** All candidates train. Unless ``calibration_samples`` is set, the squared
+   unscaled gradient of each of the first ``warmup_steps`` optimizer steps is added to the Fisher.
+2. **Freeze.** At the start of epoch ``mask_epoch`` (or right after warmup when it is ``None``),
+   the Fisher is averaged across ranks, exactly ``k = round((1 - sparsity) * n)`` entries are
+   kept (:func:`~fish_lightning.selection.select_masks`), and the Fisher buffers are freed.
+   With ``calibration_samples`` the Fisher is computed at this point instead, from true
+   per-example gradients of that many training examples (the original FISH procedure).
+3. **Masked training.** Frozen entries get zero gradient (so they drop out of gradient
+   clipping) and are written back after every ``optimizer.step()``: they stay bit-identical with
+   any torch optimizer, AdamW's decoupled weight decay and warmup momentum included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from fish_lightning.candidates import find_candidates, validate_patterns
+from fish_lightning.fisher import (
+    accumulate_squared_grads,
+    batch_size,
+    nonfinite_grads,
+    per_example_fisher,
+    slice_batch,
+    zeros_like_params,
+)
+from fish_lightning.masking import FrozenEntryGuard, mask_gradients, pack_mask, unpack_mask
+from fish_lightning.selection import (
+    SCOPES,
+    SELECTIONS,
+    density_report,
+    num_kept,
+    select_masks,
+    selection_scores,
+)
+
+_NEEDS_FISHER = ("fisher", "reverse")
+
+
+class FisherMaskCallback(Callback):
+    """Train only the top-Fisher fraction of a model's (PEFT) parameters.
+
+    Args:
+        sparsity: fraction of candidate entries frozen, in ``[0, 1)``; density is ``1 - sparsity``.
+        warmup_steps: dense optimizer steps before the freeze whose gradients feed the Fisher
+            (``>= 1``; ``0`` is allowed only with ``calibration_samples``: mask chosen before
+            training).
+        mask_epoch: the mask is frozen at the start of this epoch; ``None`` freezes right after
+            ``warmup_steps`` steps.
+        include: regexes (``re.search``) over ``named_parameters()`` names; when given, the
+            candidates are the trainable parameters matching any of them.
+        exclude: regexes removing candidates. By default the candidates are all trainable
+            parameters except peft's ``modules_to_save`` copies (e.g. the classifier head), which
+            stay fully trainable.
+        scope: ``"global"`` top-k over all candidates, or ``"per_tensor"``.
+        selection: ``"fisher"``; baselines ``"random"`` (seeded), ``"reverse"`` (lowest Fisher),
+            ``"magnitude"`` (largest ``|w|`` at the freeze).
+        seed: seed of the ``"random"`` selection (identical on every rank).
+        calibration_samples: when set, the Fisher is the sum of true per-example squared
+            gradients over this many training examples, computed at the freeze without updating
+            anything (model in eval mode). The module's ``fisher_loss(batch) -> Tensor[b]`` is used
+            if it defines one, else ``training_step`` on one example at a time.
+        keep_fisher: keep ``cb.fisher`` (on CPU) after the freeze instead of freeing it.
+
+    After the freeze, ``cb.masks`` maps parameter names to bool masks (True = trained).
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        warmup_steps: int = 50,
+        mask_epoch: int | None = 1,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        scope: str = "global",
+        selection: str = "fisher",
+        seed: int = 0,
+        calibration_samples: int | None = None,
+        keep_fisher: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity={sparsity!r} is out of range: expected a number with 0 <= sparsity < 1")
+        if calibration_samples is not None and (
+            isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1
+        ):
+            raise ValueError(f"calibration_samples={calibration_samples!r} must be None or an integer >= 1")
+        min_warmup = 0 if calibration_samples is not None else 1
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < min_warmup:
+            hint = "" if calibration_samples is not None else " (0 is allowed only with calibration_samples)"
+            raise ValueError(f"warmup_steps={warmup_steps!r} must be an integer >= {min_warmup}{hint}")
+        if mask_epoch is not None and (
+            isinstance(mask_epoch, bool) or not isinstance(mask_epoch, int) or mask_epoch < 0
+        ):
+            raise ValueError(f"mask_epoch={mask_epoch!r} must be None or an integer >= 0")
+        if mask_epoch == 0 and calibration_samples is None:
+            raise ValueError(
+                "mask_epoch=0 freezes the mask before any warmup step, so there is no gradient to "
+                "estimate the Fisher from: use mask_epoch>=1, mask_epoch=None, or calibration_samples"
+            )
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r} is not valid: expected one of {SCOPES}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection={selection!r} is not valid: expected one of {SELECTIONS}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed={seed!r} must be an integer")
+        validate_patterns(include, exclude)
+        if calibration_samples is not None and mask_epoch is not None and warmup_steps > 0:
+            rank_zero_warn(
+                f"warmup_steps={warmup_steps} is not used: with calibration_samples and mask_epoch={mask_epoch} "
+                "the Fisher is computed at the start of that epoch (pass warmup_steps=0 to say so, or "
+                "mask_epoch=None to freeze after warmup_steps dense steps)"
+            )
+
+        self.sparsity = float(sparsity)
+        self.warmup_steps = warmup_steps
+        self.mask_epoch = mask_epoch
+        self.include = include
+        self.exclude = exclude
+        self.scope = scope
+        self.selection = selection
+        self.seed = seed
+        self.calibration_samples = calibration_samples
+        self.keep_fisher = keep_fisher
+
+        self.masks: dict[str, Tensor] | None = None
+        self.fisher: dict[str, Tensor] | None = None
+        self.candidates: list[str] | None = None
+        self._warmup_done = 0  # optimizer steps seen before the freeze (non-finite ones excluded)
+        self._fisher_examples = 0  # calibration examples in the Fisher
+        self._skipped_nonfinite = 0
+        self._frozen_at_step: int | None = None
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._guards: list[FrozenEntryGuard] = []
+        self._restored: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            sparsity=self.sparsity, selection=self.selection, scope=self.scope, seed=self.seed
+        )
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the mask has been selected and is being enforced."""
+        return self.masks is not None
+
+    @property
+    def num_candidates(self) -> int:
+        return sum(self._params[n].numel() for n in self.candidates or [])
+
+    @property
+    def num_kept(self) -> int:
+        """Kept candidate entries: exact after the freeze, the target ``k`` before it."""
+        if self.masks is not None:
+            return sum(int(m.sum()) for m in self.masks.values())
+        return num_kept(self.num_candidates, self.sparsity)
+
+    @property
+    def _accumulates_warmup(self) -> bool:
+        return self.calibration_samples is None and self.selection in _NEEDS_FISHER
+
+    # ------------------------------------------------------------------ fit start
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        max_epochs = trainer.max_epochs
+        if self.mask_epoch is not None and max_epochs is not None and max_epochs >= 0 and self.mask_epoch >= max_epochs:
+            raise ValueError(
+                f"mask_epoch={self.mask_epoch} is past the run: Trainer(max_epochs={max_epochs}) "
+                f"trains epochs 0..{max_epochs - 1}; use mask_epoch < max_epochs or mask_epoch=None"
+            )
+        named = dict(pl_module.named_parameters())
+        if self._restored is not None and self._restored["candidates"] is not None:
+            self.candidates = list(self._restored["candidates"])
+            missing = [n for n in self.candidates if n not in named]
+            if missing:
+                raise ValueError(f"checkpointed FISH candidates are not parameters of this model: {missing[:4]}")
+        else:
+            self.candidates = find_candidates(pl_module, self.include, self.exclude)
+        self._params = {n: named[n] for n in self.candidates}
+        restored, self._restored = self._restored, None
+        if restored is not None and restored.get("masks") is not None:
+            self.masks = {
+                n: unpack_mask(packed, self._params[n].shape).to(self._params[n].device)
+                for n, packed in restored["masks"].items()
+            }
+        elif restored is not None and restored.get("fisher") is not None:
+            self.fisher = {n: t.to(self._params[n].device) for n, t in restored["fisher"].items()}
+        elif self.masks is None and self._accumulates_warmup:
+            self.fisher = zeros_like_params(self._params)
+        rank_zero_info(
+            f"FISH: {len(self.candidates)} candidate tensors, {self.num_candidates:,} entries; "
+            f"keeping {num_kept(self.num_candidates, self.sparsity):,} (sparsity {self.sparsity:g}, "
+            f"{self.selection}, {self.scope})"
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.frozen:
+            self._install_guards(trainer)
+            return
+        if self.mask_epoch is None and self.calibration_samples is not None and self.warmup_steps == 0:
+            self._freeze(trainer, pl_module)
+            return
+        if self.mask_epoch is not None and self.warmup_steps > 0:
+            accumulate = max(1, trainer.accumulate_grad_batches)
+            per_epoch = trainer.num_training_batches / accumulate
+            if (
+                math.isfinite(per_epoch)
+                and per_epoch * self.mask_epoch < self.warmup_steps
+                and self._accumulates_warmup
+            ):
+                rank_zero_warn(
+                    f"warmup_steps={self.warmup_steps} but only ~{int(per_epoch * self.mask_epoch)} optimizer "
+                    f"steps run before mask_epoch={self.mask_epoch}: the Fisher will use those steps only"
+                )
+
+    # ------------------------------------------------------------------ warmup
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if self.frozen:
+            mask_gradients(self._params, self.masks)  # type: ignore[arg-type]
+            return
+        if self.mask_epoch is None and self._warmup_done >= self.warmup_steps:
+            return  # freezing at the end of this batch
+        if self.mask_epoch is not None and self._warmup_done >= self.warmup_steps:
+            return  # dense training until mask_epoch; Fisher is complete
+        bad = nonfinite_grads(self._params)
+        if bad:
+            self._skipped_nonfinite += 1
+            if getattr(trainer.precision_plugin, "scaler", None) is None:
+                name, value = next(iter(bad.items()))
+                rank_zero_warn(
+                    f"FISH warmup: non-finite gradient {value} in {name!r} ({len(bad)} tensors affected) "
+                    f"at global step {trainer.global_step}; this step is left out of the Fisher"
+                )
+            return
+        if self._accumulates_warmup:
+            accumulate_squared_grads(self.fisher, self._params, _inverse_loss_scale(trainer, optimizer))  # type: ignore[arg-type]
+        self._warmup_done += 1
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.frozen and self.mask_epoch is None and self._warmup_done >= self.warmup_steps:
+            self._freeze(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.frozen and self.mask_epoch is not None and trainer.current_epoch >= self.mask_epoch:
+            self._freeze(trainer, pl_module)
+
+    # ------------------------------------------------------------------ freeze
+    def _freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.calibration_samples is not None and self.selection in _NEEDS_FISHER:
+            self.fisher = self._calibrate(trainer, pl_module)
+        if self.selection in _NEEDS_FISHER:
+            if self._accumulates_warmup and self._warmup_done == 0:
+                raise RuntimeError(
+                    "FISH: no finite warmup gradient was accumulated before the freeze "
+                    f"({self._skipped_nonfinite} steps skipped as non-finite); cannot rank entries"
+                )
+            self.fisher = _reduce_mean(trainer, self.fisher)  # type: ignore[arg-type]
+        scores = selection_scores(self.selection, self.fisher, self._params, self.seed)
+        masks = select_masks(scores, self.sparsity, self.scope)
+        del scores
+        if trainer.world_size > 1:  # bit-identical masks on every rank, whatever the reduction did
+            packed = trainer.strategy.broadcast({n: pack_mask(m) for n, m in masks.items()}, src=0)
+            masks = {n: unpack_mask(packed[n], self._params[n].shape) for n in masks}
+        self.masks = {n: m.to(self._params[n].device) for n, m in masks.items()}
+        self._frozen_at_step = trainer.global_step
+        if self.keep_fisher and self.fisher is not None:
+            self.fisher = {n: f.detach().cpu() for n, f in self.fisher.items()}
+        else:
+            self.fisher = None
+        self._log_masks(trainer)
+        self._install_guards(trainer)
+
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise RuntimeError("FISH calibration needs the train dataloader, but the trainer has none")
+        fisher = zeros_like_params(self._params)
+        loss_fn = _per_example_loss_fn(pl_module)
+        seen = 0
+        with _eval_mode(pl_module), torch.enable_grad():
+            for batch in loader:
+                batch = trainer.strategy.batch_to_device(batch)
+                take = min(batch_size(batch), self.calibration_samples - seen)  # type: ignore[operator]
+                fisher, n = per_example_fisher(loss_fn, slice_batch(batch, 0, take), self._params, fisher)
+                seen += n
+                if seen >= self.calibration_samples:  # type: ignore[operator]
+                    break
+        if seen < self.calibration_samples:  # type: ignore[operator]
+            rank_zero_warn(
+                f"calibration_samples={self.calibration_samples} but the train dataloader yielded {seen} examples"
+            )
+        self._fisher_examples = seen
+        return fisher
+
+    def _install_guards(self, trainer: pl.Trainer) -> None:
+        self._remove_guards()
+        by_param = {self._params[n]: m for n, m in self.masks.items()}  # type: ignore[union-attr]
+        self._guards = [FrozenEntryGuard(opt, by_param) for opt in trainer.optimizers]
+        covered = sum(g.num_guarded for g in self._guards)
+        partial = sum(1 for m in self.masks.values() if not bool(m.all()))  # type: ignore[union-attr]
+        if covered < partial:
+            rank_zero_warn(
+                f"FISH: {partial - covered} masked tensors are in no optimizer of this trainer; they are not guarded"
+            )
+
+    def _remove_guards(self) -> None:
+        for g in self._guards:
+            g.remove()
+        self._guards = []
+
+    def _log_masks(self, trainer: pl.Trainer) -> None:
+        density = density_report(self.masks)  # type: ignore[arg-type]
+        total = density.pop("__total__")
+        metrics = {f"fish/density/{n}": d for n, d in density.items()}
+        metrics.update(
+            {"fish/density": total, "fish/kept": float(self.num_kept), "fish/candidates": float(self.num_candidates)}
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info(
+            f"FISH: mask frozen at global step {trainer.global_step}: kept {self.num_kept:,} of "
+            f"{self.num_candidates:,} candidate entries (density {total:.4g})"
+        )
+
+    # ------------------------------------------------------------------ teardown
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_guards()
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sparsity": self.sparsity,
+            "selection": self.selection,
+            "candidates": list(self.candidates) if self.candidates is not None else None,
+            "masks": {n: pack_mask(m) for n, m in self.masks.items()} if self.masks is not None else None,
+            "fisher": {n: f.detach().cpu() for n, f in self.fisher.items()}
+            if (self.fisher is not None and self.masks is None)
+            else None,
+            "warmup_done": self._warmup_done,
+            "fisher_examples": self._fisher_examples,
+            "skipped_nonfinite": self._skipped_nonfinite,
+            "frozen_at_step": self._frozen_at_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("sparsity") != self.sparsity:
+            raise ValueError(
+                f"checkpoint was written with sparsity={state_dict.get('sparsity')!r}, "
+                f"this callback has sparsity={self.sparsity!r}"
+            )
+        self._warmup_done = int(state_dict["warmup_done"])
+        self._fisher_examples = int(state_dict.get("fisher_examples", 0))
+        self._skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
+        self._frozen_at_step = state_dict.get("frozen_at_step")
+        self._restored = state_dict
+
+
+def _inverse_loss_scale(trainer: pl.Trainer, optimizer: Optimizer) -> float:
+    """1 / loss scale when the gradients seen here are still scaled (fused optimizer + fp16 AMP)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and _optimizer_handles_unscaling(optimizer):
+        return 1.0 / float(scaler.get_scale())
+    return 1.0
+
+
+def _reduce_mean(trainer: pl.Trainer, fisher: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Average the Fisher over ranks with one all-reduce of a flat buffer."""
+    if trainer.world_size <= 1:
+        return fisher
+    names = list(fisher)
+    flat = torch.cat([fisher[n].reshape(-1) for n in names])
+    flat = trainer.strategy.reduce(flat, reduce_op="mean")
+    out, offset = {}, 0
+    for n in names:
+        numel = fisher[n].numel()
+        out[n] = flat[offset : offset + numel].view_as(fisher[n])
+        offset += numel
+    return out
+
+
+def _per_example_loss_fn(pl_module: pl.LightningModule):
+    """``batch -> losses``: the module's ``fisher_loss`` or its ``training_step`` (logging muted)."""
+    if callable(getattr(pl_module, "fisher_loss", None)):
+        return pl_module.fisher_loss
+
+    def loss_fn(batch: Any) -> Tensor:
+        with _muted_logging(pl_module):
+            out = pl_module.training_step(batch, 0)
+        loss = out["loss"] if isinstance(out, dict) else out
+        if not isinstance(loss, Tensor):
+            raise TypeError(
+                "FISH calibration: training_step returned no loss tensor; define "
+                "`fisher_loss(batch) -> Tensor[batch]` on the LightningModule"
+            )
+        return loss
+
+    return loss_fn
+
+
+@contextlib.contextmanager
+def _muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    def _noop(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.log, pl_module.log_dict = _noop, _noop  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)

@@ -1,0 +1,98 @@
+"""A LightningModule for (peft-wrapped) Hugging Face sequence classifiers and regressors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+_METRICS = {
+    "accuracy": lambda n: torchmetrics.Accuracy(task="multiclass", num_classes=n),
+    "f1": lambda n: (
+        torchmetrics.F1Score(task="binary")
+        if n == 2
+        else torchmetrics.F1Score(task="multiclass", num_classes=n, average="macro")
+    ),
+    "matthews": lambda n: torchmetrics.MatthewsCorrCoef(task="multiclass", num_classes=n),
+    "pearson": lambda n: torchmetrics.PearsonCorrCoef(),
+    "spearman": lambda n: torchmetrics.SpearmanCorrCoef(),
+}
+METRICS = tuple(_METRICS)
+
+
+class SequenceClassifier(pl.LightningModule):
+    """Trains ``model`` (returns ``.logits``) on batches of tokenised inputs plus ``labels``.
+
+    Args:
+        model: a Hugging Face (peft-wrapped) sequence classification model.
+        num_labels: classes; ``1`` means regression (MSE loss, Pearson/Spearman metrics).
+        metrics: names from :data:`METRICS`, logged on the validation split as ``val/<name>``.
+        lr, weight_decay: AdamW settings; ``warmup_ratio`` of steps with linear LR warmup,
+            then linear decay to 0 (``warmup_ratio=None``: constant LR).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_labels: int,
+        metrics: tuple[str, ...] | list[str] = ("accuracy",),
+        lr: float = 5e-4,
+        weight_decay: float = 0.01,
+        warmup_ratio: float | None = 0.06,
+    ) -> None:
+        super().__init__()
+        unknown = [m for m in metrics if m not in _METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}: expected some of {METRICS}")
+        self.model = model
+        self.num_labels = num_labels
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.val_metrics = nn.ModuleDict({m: _METRICS[m](num_labels) for m in metrics})
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = self.model(**inputs).logits
+        return logits.squeeze(-1) if self.num_labels == 1 else logits
+
+    def per_example_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.num_labels == 1:
+            return F.mse_loss(logits.float(), labels.float(), reduction="none")
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+    def fisher_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Per-example negative log-likelihood, shape ``[batch]`` (used by FISH calibration)."""
+        return self.per_example_loss(self(batch), batch["labels"])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.per_example_loss(self(batch), batch["labels"]).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits = self(batch)
+        labels = batch["labels"]
+        self.log("val/loss", self.per_example_loss(logits, labels).mean(), batch_size=labels.shape[0])
+        preds = logits.float() if self.num_labels == 1 else logits.argmax(-1)
+        for name, metric in self.val_metrics.items():
+            metric.update(preds, labels.float() if self.num_labels == 1 else labels)
+            self.log(f"val/{name}", metric, prog_bar=True, batch_size=labels.shape[0])
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.warmup_ratio is None:
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = int(self.warmup_ratio * total)
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            return max(0.0, (total - step) / max(1, total - warm))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

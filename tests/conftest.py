@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny classifier LightningModule, fixed data, a quiet CPU trainer."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+
+
+class TinyClassifier(pl.LightningModule):
+    """2-layer MLP classifier; ``optimizer`` in {"adamw", "sgd"}."""
+
+    def __init__(self, optimizer: str = "adamw", lr: float = 1e-2, weight_decay: float = 0.01, d_in: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(d_in, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def make_loader(n: int = 64, batch: int = 8, d_in: int = 8, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+
+
+def make_trainer(callbacks=(), max_epochs: int = 3, **kwargs) -> pl.Trainer:
+    opts = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    opts.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **opts)
+
+
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+class SnapshotAtFreeze(pl.Callback):
+    """Records parameter values right after the FISH callback freezes (place it after that callback)."""
+
+    def __init__(self, fish) -> None:
+        self.fish, self.at_freeze = fish, None
+
+    def _check(self, pl_module) -> None:
+        if self.at_freeze is None and self.fish.frozen:
+            self.at_freeze = params_of(pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._check(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self._check(pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._check(pl_module)
+
+
+@pytest.fixture
+def tiny():
+    return TinyClassifier()

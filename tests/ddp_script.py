@@ -1,0 +1,49 @@
+"""Run by tests/test_ddp.py: 2-rank CPU DDP (gloo); each rank saves its masks and Fisher.
+
+Usage: python ddp_script.py OUT_DIR {warmup,calibration}
+"""
+
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import TinyClassifier, make_loader  # noqa: E402
+from fish_lightning import FisherMaskCallback  # noqa: E402
+
+
+class Dump(pl.Callback):
+    def __init__(self, fish, out):
+        self.fish, self.out = fish, out
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(
+            {"masks": self.fish.masks, "fisher": self.fish.fisher, "params": dict(pl_module.named_parameters())},
+            os.path.join(self.out, f"rank{trainer.global_rank}.pt"),
+        )
+
+
+def main(out: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    if mode == "calibration":
+        cb = FisherMaskCallback(sparsity=0.8, warmup_steps=0, mask_epoch=None, calibration_samples=16, keep_fisher=True)
+    else:
+        cb = FisherMaskCallback(sparsity=0.8, warmup_steps=4, mask_epoch=1, keep_fisher=True)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb, Dump(cb, out)],
+    )
+    trainer.fit(TinyClassifier(), make_loader(n=64, batch=8))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

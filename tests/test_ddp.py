@@ -1,0 +1,28 @@
+"""Masks identical on both ranks under Trainer(accelerator="cpu", devices=2, strategy="ddp")."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+
+
+@pytest.mark.parametrize("mode", ["warmup", "calibration"])
+def test_ddp_two_ranks_same_fisher_and_mask(tmp_path, mode):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(29500 + (os.getpid() % 500) + len(mode)))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), mode], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["masks"].keys() == r1["masks"].keys() and r0["masks"]
+    for n in r0["masks"]:
+        assert torch.equal(r0["masks"][n], r1["masks"][n]), n
+        assert torch.equal(r0["fisher"][n], r1["fisher"][n]), n
+        assert torch.equal(r0["params"][n], r1["params"][n]), n
+    total = sum(m.numel() for m in r0["masks"].values())
+    assert sum(int(m.sum()) for m in r0["masks"].values()) == round(0.2 * total)
