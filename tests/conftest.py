@@ -92,3 +92,44 @@ class SnapshotAtFreeze(pl.Callback):
 @pytest.fixture
 def tiny():
     return TinyClassifier()
+
+
+GLUE_ROWS = {
+    "SST-2": ("sentence\tlabel", ["a fine film\t1", "dull and slow\t0", "great fun\t1", "bad acting\t0"]),
+    "CoLA": (
+        None,
+        ["gj04\t1\t\tThe cat sat.", "gj04\t0\t*\tCat the sat.", "gj04\t1\t\tIt rains.", "x\t0\t*\tRains it."],
+    ),
+    "RTE": (
+        "index\tsentence1\tsentence2\tlabel",
+        ["0\tA man walks.\tA person walks.\tentailment", "1\tA dog runs.\tA cat sleeps.\tnot_entailment"] * 2,
+    ),
+    "QNLI": (
+        "index\tquestion\tsentence\tlabel",
+        ["0\tWho ran?\tBob ran.\tentailment", "1\tWho ran?\tIt rained.\tnot_entailment"] * 2,
+    ),
+    "MRPC": (
+        "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+        ["1\t1\t2\tHe left.\tHe went away.", "0\t3\t4\tHe left.\tShe sang."] * 2,
+    ),
+    "STS-B": (
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+        ["0\tg\tf\ty\t1\tn\tn\tA plane flies.\tA jet flies.\t4.5", "1\tg\tf\ty\t2\tn\tn\tA cat.\tA car.\t0.4"] * 2,
+    ),
+}
+
+
+def write_glue(root) -> str:
+    """A miniature GLUE directory (GLUE's file layouts, a few rows per split)."""
+    for folder, (header, rows) in GLUE_ROWS.items():
+        d = root / folder
+        d.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "dev"):
+            lines = ([header] if header else []) + rows
+            (d / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return str(root)
+
+
+@pytest.fixture
+def glue_dir(tmp_path):
+    return write_glue(tmp_path / "glue")

@@ -1,7 +1,25 @@
-"""fish-lightning: FISH-Tuning (Fisher-masked PEFT) as a PyTorch Lightning callback."""
+"""fish-lightning: FISH-Tuning (Fisher-masked PEFT) as a PyTorch Lightning callback.
 
-from fish_lightning.callback import FisherMaskCallback
-from fish_lightning.selection import TieWarning, num_kept, select_masks
+Names are imported lazily so that light tools (``fish-report``) do not pay for torch/Lightning.
+"""
 
-__all__ = ["FisherMaskCallback", "TieWarning", "num_kept", "select_masks"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+_EXPORTS = {
+    "FisherMaskCallback": "fish_lightning.callback",
+    "TieWarning": "fish_lightning.selection",
+    "num_kept": "fish_lightning.selection",
+    "select_masks": "fish_lightning.selection",
+    "sparsity_for_kept": "fish_lightning.budget",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fish_lightning' has no attribute {name!r}")

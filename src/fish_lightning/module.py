@@ -48,7 +48,7 @@ class SequenceClassifier(pl.LightningModule):
         unknown = [m for m in metrics if m not in _METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}: expected some of {METRICS}")
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
         self.num_labels = num_labels
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.val_metrics = nn.ModuleDict({m: _METRICS[m](num_labels) for m in metrics})

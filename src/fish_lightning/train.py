@@ -1,0 +1,207 @@
+"""``fish-train``: the Hydra application. One run trains and writes ``results.json``; ``-m`` sweeps.
+
+Every run directory gets ``results.json`` (status, metrics, trainable counts, wall time; read by
+``fish-report``), ``config.yaml`` (the resolved config) and, with FISH on, ``mask_stats.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fish_lightning.budget import sparsity_for_kept
+from fish_lightning.callback import FisherMaskCallback
+from fish_lightning.candidates import find_candidates
+from fish_lightning.modeling import count_trainable
+from fish_lightning.module import SequenceClassifier
+from fish_lightning.selection import density_report
+
+log = logging.getLogger("fish_lightning")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work (message names it and what would be valid)."""
+
+
+def fish_enabled(cfg: DictConfig) -> bool:
+    return cfg.get("fish") is not None and "_target_" in cfg.fish
+
+
+def method_label(cfg: DictConfig) -> str:
+    """E.g. ``lora-r8+fisher``, ``dora-r2``, ``full+random``."""
+    method = cfg.peft.method
+    label = "full" if method == "none" else f"{method}-r{cfg.peft.r}" if "r" in cfg.peft else method
+    return f"{label}+{cfg.fish.selection}" if fish_enabled(cfg) else label
+
+
+def _validate(cfg: DictConfig) -> None:
+    budget = cfg.get("budget") or {}
+    r, kept = budget.get("r"), budget.get("kept")
+    if r is not None and kept is not None:
+        raise ConfigError(f"budget.r={r} and budget.kept={kept} are both set: set at most one")
+    if (r is not None or kept is not None) and not fish_enabled(cfg):
+        raise ConfigError(
+            f"budget (r={r}, kept={kept}) needs a FISH mask, but fish=off: choose fish=fisher|random|reverse"
+        )
+    if r is not None and ("r" not in cfg.peft or not isinstance(r, int) or r < 1):
+        raise ConfigError(f"budget.r={r!r} needs a rank-based peft method (lora, dora) and an integer >= 1")
+    if kept is not None and (not isinstance(kept, int) or kept < 1):
+        raise ConfigError(f"budget.kept={kept!r} must be an integer >= 1")
+    if fish_enabled(cfg):
+        max_epochs = cfg.trainer.get("max_epochs")
+        mask_epoch = cfg.fish.get("mask_epoch")
+        if mask_epoch is not None and max_epochs is not None and max_epochs >= 0 and mask_epoch >= max_epochs:
+            raise ConfigError(
+                f"fish.mask_epoch={mask_epoch} is past the run (trainer.max_epochs={max_epochs}): "
+                "use fish.mask_epoch < trainer.max_epochs or fish.mask_epoch=null"
+            )
+
+
+def _budget_kept(cfg: DictConfig, fish_kwargs: dict[str, Any]) -> int | None:
+    """Kept entries the budget asks for: ``budget.kept``, or the reference model's candidate count."""
+    budget = cfg.get("budget") or {}
+    if budget.get("kept") is not None:
+        return int(budget.kept)
+    if budget.get("r") is None:
+        return None
+    ref_peft = OmegaConf.to_container(cfg.peft, resolve=True)
+    ref_peft["r"] = int(budget.r)
+    reference = instantiate(ref_peft)(instantiate(cfg.model.net))
+    names = set(find_candidates(reference, fish_kwargs.get("include"), fish_kwargs.get("exclude")))
+    return sum(p.numel() for n, p in reference.named_parameters() if n in names)
+
+
+def build_fish(cfg: DictConfig, model: torch.nn.Module) -> tuple[FisherMaskCallback | None, dict[str, Any]]:
+    """The FISH callback (``None`` when fish=off), with the sparsity resolved from the budget."""
+    if not fish_enabled(cfg):
+        return None, {}
+    kwargs = OmegaConf.to_container(cfg.fish, resolve=True)
+    kwargs.pop("_target_")
+    info: dict[str, Any] = {}
+    kept = _budget_kept(cfg, kwargs)
+    if kept is not None:
+        names = set(find_candidates(model, kwargs.get("include"), kwargs.get("exclude")))
+        n = sum(p.numel() for name, p in model.named_parameters() if name in names)
+        kwargs["sparsity"] = sparsity_for_kept(n, kept)
+        info = {"budget_kept": kept, "sparsity_from_budget": kwargs["sparsity"]}
+        log.info(f"budget: keep {kept:,} of {n:,} candidates -> sparsity {kwargs['sparsity']:.6f}")
+    return FisherMaskCallback(**kwargs), info
+
+
+def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Build everything from ``cfg``, fit, and return the result record (without status)."""
+    _validate(cfg)
+    if fish_enabled(cfg):  # constructor validation (sparsity range, names) before any data or model work
+        FisherMaskCallback(**{k: v for k, v in OmegaConf.to_container(cfg.fish, resolve=True).items()
+                              if k != "_target_"})  # fmt: skip
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = instantiate(cfg.data)
+    model = instantiate(cfg.peft)(instantiate(cfg.model.net))
+    fish, budget_info = build_fish(cfg, model)
+    module = SequenceClassifier(model, num_labels=data.num_labels, metrics=data.metrics, **cfg.optim)
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    callbacks = [fish] if fish is not None else []
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=data)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    dense_trainable = count_trainable(model)
+    record: dict[str, Any] = {"metrics": metrics, "primary_metric": f"val/{data.metrics[0]}", **budget_info}
+    if fish is not None and fish.masks is not None:
+        non_candidates = dense_trainable - fish.num_candidates
+        record.update(candidates=fish.num_candidates, kept=fish.num_kept,
+                      trainable_params=fish.num_kept + non_candidates, always_trained=non_candidates,
+                      sparsity=fish.sparsity)  # fmt: skip
+        if trainer.is_global_zero:
+            stats = {"kept": fish.num_kept, "candidates": fish.num_candidates,
+                     "frozen_at_step": fish._frozen_at_step, "density": density_report(fish.masks)}  # fmt: skip
+            (out_dir / "mask_stats.json").write_text(json.dumps(stats, indent=1))
+    elif fish is not None:
+        raise RuntimeError("FISH never froze a mask: the run ended before the freeze point (check mask_epoch)")
+    else:
+        record.update(candidates=None, kept=None, trainable_params=dense_trainable, always_trained=None,
+                      sparsity=None)  # fmt: skip
+    return record
+
+
+def _base_record(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = []
+    return {
+        "status": "running",
+        "error": None,
+        "task": cfg.data.task,
+        "model": cfg.model.name,
+        "peft": cfg.peft.method,
+        "fish": cfg.fish.selection if fish_enabled(cfg) else "off",
+        "method": method_label(cfg),
+        "group": " ".join(sorted(o for o in overrides if not o.lstrip("+~").startswith("seed="))),
+        "seed": cfg.seed,
+        "sparsity": cfg.fish.sparsity if fish_enabled(cfg) else None,
+        "overrides": overrides,
+    }
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, and always write ``results.json`` to the run directory (also when the run fails)."""
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    record = _base_record(cfg)
+    start = time.time()
+    try:
+        record.update(train(cfg, out_dir))
+        record["status"] = "ok"
+    except Exception as err:
+        cause = config_error(err) or err
+        record.update(status="failed", error=f"{type(cause).__name__}: {cause}", traceback=traceback.format_exc())
+        raise
+    finally:
+        record["wall_time_s"] = round(time.time() - start, 2)
+        (out_dir / "results.json").write_text(json.dumps(record, indent=1))
+    primary = record["primary_metric"]
+    print(f"{record['method']} on {record['task']}: {primary} = {record['metrics'].get(primary, float('nan')):.4f}; "
+          f"trainable {record['trainable_params']:,}; {record['wall_time_s']:.0f} s; results in {out_dir}")  # fmt: skip
+    return record
+
+
+def config_error(err: BaseException) -> ValueError | None:
+    """The ``ValueError`` (bad value) behind ``err``, unwrapping Hydra's ``InstantiationException``."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ValueError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        record = run(cfg)
+    except Exception as err:
+        bad = config_error(err)
+        if bad is None or HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        print(f"fish-train: error: {bad}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return record["metrics"].get(record["primary_metric"])  # for Hydra sweepers (e.g. Optuna)
+
+
+if __name__ == "__main__":
+    main()
