@@ -2,8 +2,11 @@
 
 Lifecycle, in optimizer steps:
 
-1. **Dense warmup.** All candidates train. Unless ``calibration_samples`` is set, the squared
-   unscaled gradient of each of the first ``warmup_steps`` optimizer steps is added to the Fisher.
+1. **Dense warmup.** All candidates train. Unless ``calibration_samples`` is set, the first
+   ``warmup_steps`` optimizer steps feed the Fisher: by default the exact sum of squared
+   per-example gradients, captured by hooks from the training backward itself
+   (:class:`~fish_lightning.fisher.PerExampleSquaredGrads`); with ``fisher_estimator="batch_grad"``
+   the squared (unscaled) mini-batch gradient of each step, a cheaper proxy.
 2. **Freeze.** At the start of epoch ``mask_epoch`` (or right after warmup when it is ``None``),
    the Fisher is averaged across ranks, exactly ``k = round((1 - sparsity) * n)`` entries are
    kept (:func:`~fish_lightning.selection.select_masks`), and the Fisher buffers are freed.
@@ -11,7 +14,9 @@ Lifecycle, in optimizer steps:
    per-example gradients of that many training examples (the original FISH procedure).
 3. **Masked training.** Frozen entries get zero gradient (so they drop out of gradient
    clipping) and are written back after every ``optimizer.step()``: they stay bit-identical with
-   any torch optimizer, AdamW's decoupled weight decay and warmup momentum included.
+   any torch optimizer, AdamW's decoupled weight decay and warmup momentum included. With
+   ``rewind_frozen=True`` the frozen entries are first reset to their values at fit start, so the
+   trained model differs from its initialisation only in the kept entries (sparse export).
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ from torch.optim import Optimizer
 
 from fish_lightning.candidates import find_candidates, validate_patterns
 from fish_lightning.fisher import (
+    PerExampleSquaredGrads,
     accumulate_squared_grads,
     batch_size,
     nonfinite_grads,
-    per_example_fisher,
+    per_example_fisher_hooks,
     slice_batch,
     zeros_like_params,
 )
@@ -50,6 +56,7 @@ from fish_lightning.selection import (
 )
 
 _NEEDS_FISHER = ("fisher", "reverse")
+ESTIMATORS = ("per_example", "batch_grad")
 
 
 class FisherMaskCallback(Callback):
@@ -76,6 +83,12 @@ class FisherMaskCallback(Callback):
             anything (model in eval mode). The module's ``fisher_loss(batch) -> Tensor[b]`` is used
             if it defines one, else ``training_step`` on one example at a time.
         keep_fisher: keep ``cb.fisher`` (on CPU) after the freeze instead of freeing it.
+        fisher_estimator: warmup estimate: ``"per_example"`` (exact sum of squared per-example
+            gradients from the training backward; assumes the loss is a mean over the batch, and
+            falls back to ``"batch_grad"`` with a warning for tensors no hook rule covers) or
+            ``"batch_grad"`` (squared mini-batch gradient per step).
+        rewind_frozen: at the freeze, reset frozen entries to their values at fit start (keeps one
+            copy of the candidates until the freeze).
 
     After the freeze, ``cb.masks`` maps parameter names to bool masks (True = trained).
     """
@@ -92,6 +105,8 @@ class FisherMaskCallback(Callback):
         seed: int = 0,
         calibration_samples: int | None = None,
         keep_fisher: bool = False,
+        fisher_estimator: str = "per_example",
+        rewind_frozen: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= sparsity < 1.0:
@@ -117,6 +132,8 @@ class FisherMaskCallback(Callback):
             raise ValueError(f"scope={scope!r} is not valid: expected one of {SCOPES}")
         if selection not in SELECTIONS:
             raise ValueError(f"selection={selection!r} is not valid: expected one of {SELECTIONS}")
+        if fisher_estimator not in ESTIMATORS:
+            raise ValueError(f"fisher_estimator={fisher_estimator!r} is not valid: expected one of {ESTIMATORS}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} must be an integer")
         validate_patterns(include, exclude)
@@ -137,6 +154,8 @@ class FisherMaskCallback(Callback):
         self.seed = seed
         self.calibration_samples = calibration_samples
         self.keep_fisher = keep_fisher
+        self.fisher_estimator = fisher_estimator
+        self.rewind_frozen = rewind_frozen
 
         self.masks: dict[str, Tensor] | None = None
         self.fisher: dict[str, Tensor] | None = None
@@ -148,6 +167,8 @@ class FisherMaskCallback(Callback):
         self._params: dict[str, torch.nn.Parameter] = {}
         self._guards: list[FrozenEntryGuard] = []
         self._restored: dict[str, Any] | None = None
+        self._per_example: PerExampleSquaredGrads | None = None  # warmup hooks while attached
+        self._init_state: dict[str, Tensor] | None = None  # fit-start values, for rewind_frozen
 
     # ------------------------------------------------------------------ properties
     @property
@@ -203,6 +224,14 @@ class FisherMaskCallback(Callback):
             self.fisher = {n: t.to(self._params[n].device) for n, t in restored["fisher"].items()}
         elif self.masks is None and self._accumulates_warmup:
             self.fisher = zeros_like_params(self._params)
+        if restored is not None:
+            self.fisher_estimator = restored.get("fisher_estimator", self.fisher_estimator)
+        if self.rewind_frozen and self.masks is None:
+            saved = (restored or {}).get("init_state")
+            self._init_state = {
+                n: (saved[n] if saved is not None else p.detach()).to(p.device, copy=True)
+                for n, p in self._params.items()
+            }
         rank_zero_info(
             f"FISH: {len(self.candidates)} candidate tensors, {self.num_candidates:,} entries; "
             f"keeping {num_kept(self.num_candidates, self.sparsity):,} (sparsity {self.sparsity:g}, "
@@ -216,6 +245,12 @@ class FisherMaskCallback(Callback):
         if self.mask_epoch is None and self.calibration_samples is not None and self.warmup_steps == 0:
             self._freeze(trainer, pl_module)
             return
+        if self._accumulates_warmup and self.fisher_estimator == "per_example" and self._in_warmup:
+            hooks = PerExampleSquaredGrads(pl_module, self._params)
+            if hooks.uncovered:
+                self._fall_back_to_batch_grad(f"no per-example rule for {hooks.uncovered[:3]}")
+            else:
+                self._per_example = hooks.attach()
         if self.mask_epoch is not None and self.warmup_steps > 0:
             accumulate = max(1, trainer.accumulate_grad_batches)
             per_epoch = trainer.num_training_batches / accumulate
@@ -230,6 +265,45 @@ class FisherMaskCallback(Callback):
                 )
 
     # ------------------------------------------------------------------ warmup
+    @property
+    def _in_warmup(self) -> bool:
+        return not self.frozen and self._warmup_done < self.warmup_steps
+
+    def _fall_back_to_batch_grad(self, why: str) -> None:
+        rank_zero_warn(
+            f"FISH: per-example Fisher is not exact for this model ({why}); using fisher_estimator='batch_grad' "
+            "(squared mini-batch gradients) for all candidates. Calibration (calibration_samples) stays exact."
+        )
+        self.fisher_estimator = "batch_grad"
+        self._detach_per_example()
+
+    def _detach_per_example(self) -> None:
+        if self._per_example is not None:
+            self._per_example.detach()
+            self._per_example = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._per_example is None:
+            return
+        if not self._in_warmup:
+            self._detach_per_example()
+            return
+        try:
+            n = batch_size(batch)
+        except TypeError as err:
+            self._fall_back_to_batch_grad(str(err))
+            return
+        # training loss = mean over the batch / accumulate_grad_batches (* AMP loss scale): undo both
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        self._per_example.start_batch(n, (n * max(1, trainer.accumulate_grad_batches) / scale) ** 2)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._per_example is not None:
+            self._per_example.finish_batch()
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -240,8 +314,14 @@ class FisherMaskCallback(Callback):
             return  # freezing at the end of this batch
         if self.mask_epoch is not None and self._warmup_done >= self.warmup_steps:
             return  # dense training until mask_epoch; Fisher is complete
+        hooks = self._per_example
+        if hooks is not None and hooks.missed:
+            self._fall_back_to_batch_grad(f"inputs shared across the batch reach {sorted(hooks.missed)[:3]}")
+            hooks = None
         bad = nonfinite_grads(self._params)
         if bad:
+            if hooks is not None:
+                hooks.reset()
             self._skipped_nonfinite += 1
             if getattr(trainer.precision_plugin, "scaler", None) is None:
                 name, value = next(iter(bad.items()))
@@ -250,9 +330,15 @@ class FisherMaskCallback(Callback):
                     f"at global step {trainer.global_step}; this step is left out of the Fisher"
                 )
             return
-        if self._accumulates_warmup:
+        if hooks is not None:
+            for n, acc in hooks.sums.items():
+                self.fisher[n].add_(acc)  # type: ignore[index]
+            hooks.reset()
+        elif self._accumulates_warmup:
             accumulate_squared_grads(self.fisher, self._params, _inverse_loss_scale(trainer, optimizer))  # type: ignore[arg-type]
         self._warmup_done += 1
+        if not self._in_warmup:
+            self._detach_per_example()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -266,6 +352,7 @@ class FisherMaskCallback(Callback):
 
     # ------------------------------------------------------------------ freeze
     def _freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._detach_per_example()
         if self.calibration_samples is not None and self.selection in _NEEDS_FISHER:
             self.fisher = self._calibrate(trainer, pl_module)
         if self.selection in _NEEDS_FISHER:
@@ -283,6 +370,12 @@ class FisherMaskCallback(Callback):
             masks = {n: unpack_mask(packed[n], self._params[n].shape) for n in masks}
         self.masks = {n: m.to(self._params[n].device) for n, m in masks.items()}
         self._frozen_at_step = trainer.global_step
+        if self._init_state is not None:
+            with torch.no_grad():
+                for n, m in self.masks.items():
+                    p = self._params[n].detach()
+                    p.copy_(torch.where(m, p, self._init_state[n]))
+            self._init_state = None
         if self.keep_fisher and self.fisher is not None:
             self.fisher = {n: f.detach().cpu() for n, f in self.fisher.items()}
         else:
@@ -301,7 +394,9 @@ class FisherMaskCallback(Callback):
             for batch in loader:
                 batch = trainer.strategy.batch_to_device(batch)
                 take = min(batch_size(batch), self.calibration_samples - seen)  # type: ignore[operator]
-                fisher, n = per_example_fisher(loss_fn, slice_batch(batch, 0, take), self._params, fisher)
+                fisher, n = per_example_fisher_hooks(
+                    loss_fn, slice_batch(batch, 0, take), pl_module, self._params, fisher
+                )
                 seen += n
                 if seen >= self.calibration_samples:  # type: ignore[operator]
                     break
@@ -345,6 +440,7 @@ class FisherMaskCallback(Callback):
     # ------------------------------------------------------------------ teardown
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_guards()
+        self._detach_per_example()
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -360,6 +456,10 @@ class FisherMaskCallback(Callback):
             "fisher_examples": self._fisher_examples,
             "skipped_nonfinite": self._skipped_nonfinite,
             "frozen_at_step": self._frozen_at_step,
+            "fisher_estimator": self.fisher_estimator,
+            "init_state": {n: t.detach().cpu() for n, t in self._init_state.items()}
+            if self._init_state is not None
+            else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -399,7 +499,8 @@ def _reduce_mean(trainer: pl.Trainer, fisher: dict[str, Tensor]) -> dict[str, Te
 
 
 def _per_example_loss_fn(pl_module: pl.LightningModule):
-    """``batch -> losses``: the module's ``fisher_loss`` or its ``training_step`` (logging muted)."""
+    """``batch -> losses``: the module's ``fisher_loss``, else ``training_step`` (logging muted), whose
+    loss is taken to be a mean over the batch."""
     if callable(getattr(pl_module, "fisher_loss", None)):
         return pl_module.fisher_loss
 
@@ -412,7 +513,7 @@ def _per_example_loss_fn(pl_module: pl.LightningModule):
                 "FISH calibration: training_step returned no loss tensor; define "
                 "`fisher_loss(batch) -> Tensor[batch]` on the LightningModule"
             )
-        return loss
+        return loss * batch_size(batch)  # a batch mean -> the sum of per-example losses
 
     return loss_fn
 
