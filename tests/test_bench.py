@@ -1,0 +1,20 @@
+"""scripts/bench.py runs (tiny model) and reports its ratios; timing targets live in the script, not here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+
+
+def test_bench_tiny_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--rounds", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert {"fisher_hooks / plain_fwd_bwd", "step_masked / step_vanilla"} <= set(res["ratios"])
+    assert res["hooks_vs_loop_max_rel_err"] < 1e-5  # exactness is a property, not a timing
+    assert res["resident_bytes_per_candidate_after_freeze"] <= 1.0
+    assert "fisher_hooks / plain_fwd_bwd" in proc.stdout
