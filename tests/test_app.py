@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 
 from fish_lightning import FisherMaskCallback
 from fish_lightning.candidates import find_candidates
+from fish_lightning.modeling import ADDED_TENSORS
 from fish_lightning.train import build_fish
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "fish_lightning" / "conf"
@@ -57,10 +59,11 @@ def test_peft_options_instantiate(opt, tmp_path):
     cfg = composed(["model=tiny_bert", f"peft={opt}"], tmp_path)
     model = instantiate(cfg.peft)(instantiate(cfg.model.net))
     names = find_candidates(model)
-    if opt == "none":
+    pattern = ADDED_TENSORS[opt]
+    if pattern is None:  # full fine-tuning: every weight
         assert any("encoder" in n for n in names)
     else:
-        assert names and all("lora_" in n for n in names)
+        assert names and all(re.search(pattern, n) for n in names)
 
 
 @pytest.mark.parametrize("opt", options("fish"))

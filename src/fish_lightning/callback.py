@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fish_lightning.candidates import find_candidates, validate_patterns
+from fish_lightning.candidates import check_supported, find_candidates, validate_patterns
 from fish_lightning.fisher import (
     PerExampleSquaredGrads,
     accumulate_squared_grads,
@@ -72,8 +72,9 @@ class FisherMaskCallback(Callback):
         include: regexes (``re.search``) over ``named_parameters()`` names; when given, the
             candidates are the trainable parameters matching any of them.
         exclude: regexes removing candidates. By default the candidates are all trainable
-            parameters except peft's ``modules_to_save`` copies (e.g. the classifier head), which
-            stay fully trainable.
+            parameters except peft's ``modules_to_save`` copies (e.g. the classifier head) and
+            modules marked ``fish_always_trained = True`` (our bottleneck adapters' head), which
+            stay fully trainable. AdaLoRA is refused at fit start (its rank allocator edits entries).
         scope: ``"global"`` top-k over all candidates, or ``"per_tensor"``.
         selection: ``"fisher"``; baselines ``"random"`` (seeded), ``"reverse"`` (lowest Fisher),
             ``"magnitude"`` (largest ``|w|`` at the freeze).
@@ -205,6 +206,7 @@ class FisherMaskCallback(Callback):
                 f"mask_epoch={self.mask_epoch} is past the run: Trainer(max_epochs={max_epochs}) "
                 f"trains epochs 0..{max_epochs - 1}; use mask_epoch < max_epochs or mask_epoch=None"
             )
+        check_supported(pl_module)
         named = dict(pl_module.named_parameters())
         if self._restored is not None and self._restored["candidates"] is not None:
             self.candidates = list(self._restored["candidates"])

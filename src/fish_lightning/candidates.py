@@ -1,6 +1,6 @@
-"""Which parameters FISH masks: the candidates.
+"""Which parameters FISH masks: the candidates, and which models FISH refuses.
 
-Pure torch (peft is imported lazily, only to recognise its wrappers).
+Pure torch: peft's wrappers are recognised by name and attributes, without importing peft.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from torch import nn
 
 # peft wraps `modules_to_save` (e.g. a classifier head) and trains the copy whole.
 _MODULES_TO_SAVE = re.compile(r"(^|\.)modules_to_save\.")
+
+#: Module attribute: when ``True``, the module's parameters are never default candidates (they stay
+#: fully trainable), like peft's ``modules_to_save`` copies. Set by :func:`fish_lightning.adapters.add_adapters`
+#: on the classifier head; set it on any module of your own to the same effect.
+ALWAYS_TRAINED_ATTR = "fish_always_trained"
 
 
 def _compile(patterns: Sequence[str] | str | None, arg: str) -> list[re.Pattern[str]]:
@@ -42,7 +47,10 @@ def find_candidates(
     """Names (as in ``model.named_parameters()``) of the parameters FISH scores and masks.
 
     Default: every parameter with ``requires_grad=True`` except those inside peft's
-    ``modules_to_save`` copies, which stay fully trainable. ``include`` (regexes, ``re.search``)
+    ``modules_to_save`` copies and inside modules with ``fish_always_trained = True``
+    (:data:`ALWAYS_TRAINED_ATTR`, e.g. the head of our bottleneck adapters), which stay fully
+    trainable. A plain model (full fine-tuning) thus has all its trainable weights, head included,
+    as candidates. ``include`` (regexes, ``re.search``)
     replaces that default with the trainable parameters matching any pattern; ``exclude`` then
     removes matches. A pattern that matches no trainable parameter is an error, as is an empty
     result.
@@ -62,7 +70,9 @@ def find_candidates(
     if inc:
         names = [n for n in trainable if any(p.search(n) for p in inc)]
     else:
-        names = [n for n in trainable if not _MODULES_TO_SAVE.search(n)]
+        always = always_trained_ids(model)
+        params = dict(model.named_parameters())
+        names = [n for n in trainable if not _MODULES_TO_SAVE.search(n) and id(params[n]) not in always]
     names = [n for n in names if not any(p.search(n) for p in exc)]
     if not names:
         raise ValueError(
@@ -70,6 +80,31 @@ def find_candidates(
             f"trainable names look like: {_examples(trainable)}"
         )
     return names
+
+
+def always_trained_ids(model: nn.Module) -> set[int]:
+    """``id()`` of every parameter inside a module marked ``fish_always_trained = True``."""
+    return {id(p) for m in model.modules() if getattr(m, ALWAYS_TRAINED_ATTR, False) is True for p in m.parameters()}
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``ValueError`` when FISH cannot mask ``model``'s PEFT method with a well-defined meaning.
+
+    AdaLoRA is refused: its ``RankAllocator`` (``update_and_allocate``, to be called after every
+    optimizer step) zeroes entries of ``lora_E`` in place on its own schedule, from importance scores
+    computed from the same gradients FISH zeroes, so the two budgets fight: AdaLoRA would overwrite
+    entries that FISH guarantees bit-identical, and FISH would skew AdaLoRA's rank allocation.
+    """
+    for m in model.modules():
+        configs = getattr(m, "peft_config", None)
+        kinds = [getattr(c, "peft_type", None) for c in configs.values()] if isinstance(configs, dict) else []
+        kinds = [str(getattr(k, "value", k)).upper() for k in kinds]
+        if "ADALORA" in kinds or any(c.__name__ == "AdaLoraLayer" for c in type(m).__mro__):
+            raise ValueError(
+                "FISH does not support AdaLoRA (peft AdaLoraConfig): AdaLoRA prunes lora_E entries in place "
+                "with its own rank budget (update_and_allocate), which conflicts with the FISH mask; "
+                "use peft method 'lora' or 'dora' (optionally at a matched budget, see fish_lightning.budget)"
+            )
 
 
 def _examples(names: Sequence[str], n: int = 4) -> str:

