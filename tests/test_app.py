@@ -122,9 +122,12 @@ def _cli(args, tmp_path, entry="fish-train"):
 
 
 def test_smoke_experiment_through_fish_train(tmp_path):
-    proc = _cli(["experiment=smoke", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    proc = _cli(["experiment=smoke", "export=true", "fish.rewind_frozen=true", f"hydra.run.dir={tmp_path}/run"],
+                tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (tmp_path / "run" / "adapter.fish.safetensors").is_file()
+    assert res["export"]["dense_fallback"] == [] and res["export"]["ratio"] < 0.9
     assert res["status"] == "ok" and 0.0 <= res["metrics"]["val/accuracy"] <= 1.0
     assert (
         res["kept"] == round(0.5 * res["candidates"]) and res["trainable_params"] == res["kept"] + res["always_trained"]

@@ -203,6 +203,8 @@ class TextClassificationData(pl.LightningDataModule):
         num_labels: must equal the task's label count (a guard against mismatched configs).
         max_length: truncation length in tokens.
         train_samples, val_samples: seeded subsample sizes (``None`` = all rows).
+        subsample_seed: seed of those subsamples (``None``: ``seed``, which also shuffles batches);
+            fix it to compare training seeds on the same examples.
         cache_dir: where tokenised splits are cached (``None`` = no cache).
     """
 
@@ -220,6 +222,7 @@ class TextClassificationData(pl.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        subsample_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.spec = get_task(task)
@@ -235,6 +238,7 @@ class TextClassificationData(pl.LightningDataModule):
         self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
         self.train_samples, self.val_samples, self.seed = train_samples, val_samples, seed
         self.cache_dir, self.num_workers = cache_dir, num_workers
+        self.subsample_seed = seed if subsample_seed is None else subsample_seed
         self.splits: dict[str, list[dict[str, Any]]] = {}
         if path is not None and self.spec.name != "tweets":
             for split in ("train", "dev"):  # fail fast on a bad path or columns, before any training
@@ -263,8 +267,8 @@ class TextClassificationData(pl.LightningDataModule):
         from fish_lightning.modeling import resolve_model_path
 
         rows, source = self._rows(split)
-        rows = subsample(rows, n, self.seed)
-        key = json.dumps([source, split, n, self.seed, self.tokenizer_name, self.max_length, 1])
+        rows = subsample(rows, n, self.subsample_seed)
+        key = json.dumps([source, split, n, self.subsample_seed, self.tokenizer_name, self.max_length, 1])
         cache = None
         if self.cache_dir:
             cache = Path(self.cache_dir) / f"{self.spec.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"

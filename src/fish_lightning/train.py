@@ -22,14 +22,19 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fish_lightning.adapter_init import seeded_init_
 from fish_lightning.budget import count_candidates, match_kept, sparsity_for_kept
 from fish_lightning.callback import FisherMaskCallback
 from fish_lightning.candidates import find_candidates
+from fish_lightning.export import save_sparse
 from fish_lightning.modeling import count_trainable
 from fish_lightning.module import SequenceClassifier
 from fish_lightning.selection import density_report
 
 log = logging.getLogger("fish_lightning")
+
+
+SEEDED_INIT = ("lora", "dora", "rslora")
 
 
 class ConfigError(ValueError):
@@ -133,6 +138,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = instantiate(cfg.data)
     model = instantiate(cfg.peft)(instantiate(cfg.model.net))
+    if cfg.peft.method in SEEDED_INIT:  # adapter init from per-tensor seeds: reproducible, exportable sparsely
+        seeded_init_(model, cfg.seed)
     fish, budget_info = build_fish(cfg, model)
     module = SequenceClassifier(model, num_labels=data.num_labels, metrics=data.metrics, **cfg.optim)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
@@ -152,6 +159,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             stats = {"kept": fish.num_kept, "candidates": fish.num_candidates,
                      "frozen_at_step": fish._frozen_at_step, "density": density_report(fish.masks)}  # fmt: skip
             (out_dir / "mask_stats.json").write_text(json.dumps(stats, indent=1))
+            if cfg.get("export"):
+                exp = save_sparse(module, fish.masks, out_dir / "adapter.fish.safetensors")
+                record["export"] = {k: exp[k] for k in ("bytes", "dense_bytes", "ratio", "dense_fallback")}
     elif fish is not None:
         raise RuntimeError("FISH never froze a mask: the run ended before the freeze point (check mask_epoch)")
     else:
@@ -160,11 +170,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return record
 
 
-def _base_record(cfg: DictConfig) -> dict[str, Any]:
-    try:
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        overrides = []
+def _base_record(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     return {
         "status": "running",
         "error": None,
@@ -180,12 +186,20 @@ def _base_record(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, and always write ``results.json`` to the run directory (also when the run fails)."""
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+def run(cfg: DictConfig, out_dir: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train, and always write ``results.json`` to the run directory (also when the run fails).
+
+    ``out_dir``/``overrides`` default to the current Hydra job's; pass them to drive runs from a
+    config composed with ``hydra.compose`` (e.g. ``scripts/reproduce.py``).
+    """
+    if out_dir is None:
+        out_dir = HydraConfig.get().runtime.output_dir
+    if overrides is None:
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    record = _base_record(cfg)
+    record = _base_record(cfg, overrides)
     start = time.time()
     try:
         record.update(train(cfg, out_dir))
