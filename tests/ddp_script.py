@@ -1,6 +1,6 @@
 """Run by tests/test_ddp.py: 2-rank CPU DDP (gloo); each rank saves its masks and Fisher.
 
-Usage: python ddp_script.py OUT_DIR {warmup,calibration}
+Usage: python ddp_script.py OUT_DIR {warmup,calibration,sparse}
 """
 
 import os
@@ -29,8 +29,9 @@ def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
     if mode == "calibration":
         cb = FisherMaskCallback(sparsity=0.8, warmup_steps=0, mask_epoch=None, calibration_samples=16, keep_fisher=True)
-    else:
-        cb = FisherMaskCallback(sparsity=0.8, warmup_steps=4, mask_epoch=1, keep_fisher=True)
+    else:  # "warmup", or "sparse": the same with optimizer state for kept entries only
+        cb = FisherMaskCallback(sparsity=0.8, warmup_steps=4, mask_epoch=1, keep_fisher=True,
+                                sparse_optimizer_state=mode == "sparse")  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

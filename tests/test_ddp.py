@@ -11,7 +11,7 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
-@pytest.mark.parametrize("mode", ["warmup", "calibration"])
+@pytest.mark.parametrize("mode", ["warmup", "calibration", "sparse"])
 def test_ddp_two_ranks_same_fisher_and_mask(tmp_path, mode):
     env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(29500 + (os.getpid() % 500) + len(mode)))
     proc = subprocess.run(

@@ -54,6 +54,7 @@ from fish_lightning.selection import (
     select_masks,
     selection_scores,
 )
+from fish_lightning.sparse_state import CompactOptimizer, frozen_digest
 
 _NEEDS_FISHER = ("fisher", "reverse")
 ESTIMATORS = ("per_example", "batch_grad")
@@ -90,6 +91,11 @@ class FisherMaskCallback(Callback):
             ``"batch_grad"`` (squared mini-batch gradient per step).
         rewind_frozen: at the freeze, reset frozen entries to their values at fit start (keeps one
             copy of the candidates until the freeze).
+        sparse_optimizer_state: from the freeze on, the optimizer trains compact tensors of the
+            kept entries (:class:`~fish_lightning.sparse_state.CompactOptimizer`), so its state
+            (and the gradients it sees) scale with the kept entries; frozen entries leave it.
+        strict: make :meth:`verify` at the end of ``fit`` raise instead of warn when a frozen entry
+            moved.
 
     After the freeze, ``cb.masks`` maps parameter names to bool masks (True = trained).
     """
@@ -108,6 +114,8 @@ class FisherMaskCallback(Callback):
         keep_fisher: bool = False,
         fisher_estimator: str = "per_example",
         rewind_frozen: bool = False,
+        sparse_optimizer_state: bool = False,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= sparsity < 1.0:
@@ -157,6 +165,8 @@ class FisherMaskCallback(Callback):
         self.keep_fisher = keep_fisher
         self.fisher_estimator = fisher_estimator
         self.rewind_frozen = rewind_frozen
+        self.sparse_optimizer_state = sparse_optimizer_state
+        self.strict = strict
 
         self.masks: dict[str, Tensor] | None = None
         self.fisher: dict[str, Tensor] | None = None
@@ -170,6 +180,8 @@ class FisherMaskCallback(Callback):
         self._restored: dict[str, Any] | None = None
         self._per_example: PerExampleSquaredGrads | None = None  # warmup hooks while attached
         self._init_state: dict[str, Tensor] | None = None  # fit-start values, for rewind_frozen
+        self._compact: list[CompactOptimizer] = []  # sparse_optimizer_state after the freeze
+        self._digests: dict[str, str] | None = None  # frozen-entry hashes taken at the freeze
 
     # ------------------------------------------------------------------ properties
     @property
@@ -234,6 +246,8 @@ class FisherMaskCallback(Callback):
                 n: (saved[n] if saved is not None else p.detach()).to(p.device, copy=True)
                 for n, p in self._params.items()
             }
+        if self.frozen and self.sparse_optimizer_state:
+            self._compact_optimizers(trainer)  # before Lightning loads the (compact) optimizer state
         rank_zero_info(
             f"FISH: {len(self.candidates)} candidate tensors, {self.num_candidates:,} entries; "
             f"keeping {num_kept(self.num_candidates, self.sparsity):,} (sparsity {self.sparsity:g}, "
@@ -242,7 +256,8 @@ class FisherMaskCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.frozen:
-            self._install_guards(trainer)
+            if not self.sparse_optimizer_state:
+                self._install_guards(trainer)
             return
         if self.mask_epoch is None and self.calibration_samples is not None and self.warmup_steps == 0:
             self._freeze(trainer, pl_module)
@@ -310,7 +325,11 @@ class FisherMaskCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         if self.frozen:
-            mask_gradients(self._params, self.masks)  # type: ignore[arg-type]
+            if self._compact:
+                for c in self._compact:
+                    c.gather_grads()
+            else:
+                mask_gradients(self._params, self.masks)  # type: ignore[arg-type]
             return
         if self.mask_epoch is None and self._warmup_done >= self.warmup_steps:
             return  # freezing at the end of this batch
@@ -378,12 +397,16 @@ class FisherMaskCallback(Callback):
                     p = self._params[n].detach()
                     p.copy_(torch.where(m, p, self._init_state[n]))
             self._init_state = None
+        self._digests = {n: frozen_digest(self._params[n], m) for n, m in self.masks.items()}
         if self.keep_fisher and self.fisher is not None:
             self.fisher = {n: f.detach().cpu() for n, f in self.fisher.items()}
         else:
             self.fisher = None
         self._log_masks(trainer)
-        self._install_guards(trainer)
+        if self.sparse_optimizer_state:
+            self._compact_optimizers(trainer)
+        else:
+            self._install_guards(trainer)
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         loader = trainer.train_dataloader
@@ -420,6 +443,11 @@ class FisherMaskCallback(Callback):
                 f"FISH: {partial - covered} masked tensors are in no optimizer of this trainer; they are not guarded"
             )
 
+    def _compact_optimizers(self, trainer: pl.Trainer) -> None:
+        self._remove_guards()
+        by_param = {self._params[n]: m for n, m in self.masks.items()}  # type: ignore[union-attr]
+        self._compact = [CompactOptimizer(opt, by_param) for opt in trainer.optimizers]
+
     def _remove_guards(self) -> None:
         for g in self._guards:
             g.remove()
@@ -440,8 +468,39 @@ class FisherMaskCallback(Callback):
         )
 
     # ------------------------------------------------------------------ teardown
+    # ------------------------------------------------------------------ verify
+    def verify(self, pl_module: pl.LightningModule | None = None) -> dict[str, Any]:
+        """Check, against hashes taken at the freeze, that no frozen entry moved.
+
+        Returns ``{"frozen_unchanged": bool, "kept": int, "candidates": int, "moved": [names]}``.
+        """
+        if self.masks is None or self._digests is None:
+            raise RuntimeError("FISH verify: no mask has been frozen yet")
+        params = self._params if pl_module is None else {n: dict(pl_module.named_parameters())[n] for n in self.masks}
+        moved = [n for n, m in self.masks.items() if frozen_digest(params[n], m) != self._digests[n]]
+        return {"frozen_unchanged": not moved, "kept": self.num_kept, "candidates": self.num_candidates,
+                "moved": moved}  # fmt: skip
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.masks is None or self._digests is None:
+            return
+        report = self.verify(pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics({"fish/frozen_unchanged": float(report["frozen_unchanged"])}, step=trainer.global_step)
+        if report["frozen_unchanged"]:
+            rank_zero_info(f"FISH verify: all frozen entries unchanged; kept {report['kept']:,} of "
+                           f"{report['candidates']:,}")  # fmt: skip
+            return
+        msg = f"FISH verify: frozen entries moved in {len(report['moved'])} tensors: {report['moved'][:4]}"
+        if self.strict:
+            raise RuntimeError(msg)
+        rank_zero_warn(msg)
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_guards()
+        for c in self._compact:
+            c.remove()
+        self._compact = []
         self._detach_per_example()
 
     # ------------------------------------------------------------------ checkpoint
@@ -459,6 +518,7 @@ class FisherMaskCallback(Callback):
             "skipped_nonfinite": self._skipped_nonfinite,
             "frozen_at_step": self._frozen_at_step,
             "fisher_estimator": self.fisher_estimator,
+            "digests": self._digests,
             "init_state": {n: t.detach().cpu() for n, t in self._init_state.items()}
             if self._init_state is not None
             else None,
@@ -474,6 +534,7 @@ class FisherMaskCallback(Callback):
         self._fisher_examples = int(state_dict.get("fisher_examples", 0))
         self._skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
         self._frozen_at_step = state_dict.get("frozen_at_step")
+        self._digests = state_dict.get("digests")
         self._restored = state_dict
 
 
