@@ -60,6 +60,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ablation", action="store_true", help="warmup-length ablation for FISH-LoRA instead")
     ap.add_argument("--quick", action="store_true", help="sst2, LoRA methods, 1 seed, 640 examples, 1 epoch")
     ap.add_argument("--extra", nargs="*", default=[], help="more fish-train overrides for every run")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (run 2 processes x 1 thread on 2 cores)")
+    ap.add_argument("--no-report", action="store_true", help="skip the report (another process writes it)")
     args = ap.parse_args(argv)
     if args.quick:
         args.tasks, args.peft, args.seeds = "sst2", "lora", 1
@@ -74,26 +76,27 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int, list[str]]]:
               f"data.train_samples={args.train_samples}", "data.subsample_seed=0", *args.extra]  # fmt: skip
     common.append("data.val_samples=null" if args.val_samples <= 0 else f"data.val_samples={args.val_samples}")
     fish_common = ["fish.mask_epoch=null", f"fish.warmup_steps={args.warmup_steps}"]
-    runs = []
-    for task in args.tasks.split(","):
+    tasks = args.tasks.split(",")
+    for task in tasks:
         if task not in TASKS + ("mrpc", "qnli"):
             raise SystemExit(f"reproduce.py: unknown task {task!r}: expected some of {TASKS + ('mrpc', 'qnli')}")
-        if args.ablation:
-            table = {
-                "lora-r8+fisher@calibration": ["fish.warmup_steps=0", "fish.calibration_samples=256"],
-                "lora-r8+fisher@warmup10": ["fish.warmup_steps=10"],
-                "lora-r8+fisher@warmup50": ["fish.warmup_steps=50"],
-            }
-            table = {k: ["peft=lora", "peft.r=8", "fish=fisher", "budget.r=2", "fish.mask_epoch=null", *v]
-                     for k, v in table.items()}  # fmt: skip
-        else:
-            table = {}
-            for peft in args.peft.split(","):
-                table.update(methods(peft))
-        for method, overrides in table.items():
-            for seed in range(args.seeds):
-                extra = fish_common if "fish=off" not in overrides and not args.ablation else []
-                runs.append((task, method, seed, [f"data={task}", *common, *overrides, *extra, f"seed={seed}"]))
+    if args.ablation:
+        table = {
+            "lora-r8+fisher@calibration": ["fish.warmup_steps=0", "fish.calibration_samples=256"],
+            "lora-r8+fisher@warmup10": ["fish.warmup_steps=10"],
+            "lora-r8+fisher@warmup50": ["fish.warmup_steps=50"],
+        }
+        groups = [{k: ["peft=lora", "peft.r=8", "fish=fisher", "budget.r=2", "fish.mask_epoch=null", *v]
+                   for k, v in table.items()}]  # fmt: skip
+    else:
+        groups = [methods(peft) for peft in args.peft.split(",")]
+    runs = []  # group-major, then task: a study cut short still holds whole method groups
+    for table in groups:
+        for task in tasks:
+            for method, overrides in table.items():
+                for seed in range(args.seeds):
+                    extra = fish_common if "fish=off" not in overrides and not args.ablation else []
+                    runs.append((task, method, seed, [f"data={task}", *common, *overrides, *extra, f"seed={seed}"]))
     return runs
 
 
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from fish_lightning.report import write_report
     from fish_lightning.train import run
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     runs = plan(args)
     print(f"{len(runs)} runs -> {out}")
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # recorded as failed in results.json by run(); keep going
                 print(f"[{i}/{len(runs)}] {task} {method} seed {seed}: FAILED {type(err).__name__}: {err}", flush=True)
     print(f"study time {time.time() - start:.0f} s")
+    if args.no_report:
+        return 0
     paths = write_report(out)
     plot_per_task(out)
     print("\n".join(f"wrote {p}" for p in paths.values()))
