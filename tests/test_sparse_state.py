@@ -62,16 +62,17 @@ def test_lora_sparse_state_matches_dense_masked():
     assert cb.verify(sparse)["frozen_unchanged"]
 
 
+@pytest.mark.parametrize("reselect", [None, 5])
 @pytest.mark.parametrize("ckpt_epoch", [0, 2])  # during warmup / after the freeze
-def test_sparse_state_resume_equals_uninterrupted(tmp_path, ckpt_epoch):
+def test_sparse_state_resume_equals_uninterrupted(tmp_path, ckpt_epoch, reselect):
     def cb():
-        return make_cb(True, sparsity=0.7, warmup_steps=12, mask_epoch=2)
+        return make_cb(True, sparsity=0.7, warmup_steps=12, mask_epoch=2, reselect_every_n_steps=reselect)
 
     full, _, _ = fit(cb(), max_epochs=4)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     fit(cb(), max_epochs=4, extra=[ckpt], enable_checkpointing=True)
     path = tmp_path / f"epoch={ckpt_epoch}.ckpt"
-    if ckpt_epoch == 2:  # the checkpoint holds the compact state: kept entries only
+    if ckpt_epoch == 2 and reselect is None:  # the checkpoint holds the compact state: kept entries only
         opt_state = torch.load(path, weights_only=False)["optimizer_states"][0]["state"]
         n_entries = sum(v.numel() for st in opt_state.values() for v in st.values() if v.dim() > 0)
         assert n_entries == 2 * num_kept(sum(p.numel() for p in full.parameters()), 0.7)
@@ -131,3 +132,46 @@ def test_verify_reports_exact_kept_and_catches_moved_entries(sparse):
     cb = make_cb(sparse, strict=True)
     with pytest.raises(RuntimeError, match="frozen entries moved"):
         fit(cb, extra=[MoveFrozenEntry(cb)])
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_reselection_keeps_exactly_k_and_zeroes_new_state(sparse):
+    masks_seen = []
+
+    class Record(Callback):
+        def __init__(self, fish):
+            self.fish = fish
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if self.fish.frozen and (not masks_seen or self.fish.reselections != masks_seen[-1][0]):
+                masks_seen.append((self.fish.reselections, {n: m.clone() for n, m in self.fish.masks.items()}))
+
+    cb = make_cb(sparse, warmup_steps=3, mask_epoch=None, reselect_every_n_steps=5)
+    model, _, _ = fit(cb, extra=[Record(cb)], max_epochs=3)
+    k = num_kept(cb.num_candidates, 0.9)
+    assert cb.reselections >= 3 and len(masks_seen) >= 3
+    for _, masks in masks_seen:
+        assert sum(int(m.sum()) for m in masks.values()) == k  # exactly k after each re-selection
+    assert any(not all(torch.equal(a[n], b[n]) for n in a) for (_, a), (_, b) in zip(masks_seen, masks_seen[1:]))
+    assert cb.verify(model)["frozen_unchanged"]  # entries frozen since the last re-selection did not move
+
+
+def test_expand_restores_layout_with_zero_state_for_newly_kept():
+    a, b = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.Adam([a, b], lr=0.1)
+    opt.zero_grad()
+    ((a**2).sum() + (b**2).sum()).backward()
+    opt.step()
+    m = torch.tensor([True, False, True, False, False, False])
+    kept_state = opt.state[a]["exp_avg"][m].clone()
+    comp = CompactOptimizer(opt, {a: m, b: torch.zeros(3, dtype=torch.bool)})
+    comp.expand()
+    assert opt.param_groups[0]["params"] == [a, b] and b not in opt.state
+    assert torch.equal(opt.state[a]["exp_avg"][m], kept_state) and not opt.state[a]["exp_avg"][~m].any()
+
+
+def test_reselect_bad_input():
+    with pytest.raises(ValueError, match="reselect_every_n_steps=0"):
+        FisherMaskCallback(reselect_every_n_steps=0)
+    with pytest.raises(ValueError, match="selection='random' would only reshuffle"):
+        FisherMaskCallback(selection="random", reselect_every_n_steps=5)

@@ -54,7 +54,7 @@ from fish_lightning.selection import (
     select_masks,
     selection_scores,
 )
-from fish_lightning.sparse_state import CompactOptimizer, frozen_digest
+from fish_lightning.sparse_state import CompactOptimizer, frozen_digest, zero_state_entries
 
 _NEEDS_FISHER = ("fisher", "reverse")
 ESTIMATORS = ("per_example", "batch_grad")
@@ -96,6 +96,10 @@ class FisherMaskCallback(Callback):
             (and the gradients it sees) scale with the kept entries; frozen entries leave it.
         strict: make :meth:`verify` at the end of ``fit`` raise instead of warn when a frozen entry
             moved.
+        reselect_every_n_steps: after the freeze, keep accumulating the Fisher (squared mini-batch
+            gradients of all candidates) and every N optimizer steps re-select exactly k entries:
+            newly kept entries start with zero optimizer state, dropped ones stop where they are.
+            ``None`` (default): the paper's fixed mask.
 
     After the freeze, ``cb.masks`` maps parameter names to bool masks (True = trained).
     """
@@ -116,6 +120,7 @@ class FisherMaskCallback(Callback):
         rewind_frozen: bool = False,
         sparse_optimizer_state: bool = False,
         strict: bool = False,
+        reselect_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= sparsity < 1.0:
@@ -143,6 +148,16 @@ class FisherMaskCallback(Callback):
             raise ValueError(f"selection={selection!r} is not valid: expected one of {SELECTIONS}")
         if fisher_estimator not in ESTIMATORS:
             raise ValueError(f"fisher_estimator={fisher_estimator!r} is not valid: expected one of {ESTIMATORS}")
+        if reselect_every_n_steps is not None:
+            if (
+                isinstance(reselect_every_n_steps, bool)
+                or not isinstance(reselect_every_n_steps, int)
+                or (reselect_every_n_steps < 1)
+            ):
+                raise ValueError(f"reselect_every_n_steps={reselect_every_n_steps!r} must be None or an integer >= 1")
+            if selection == "random":
+                raise ValueError("reselect_every_n_steps with selection='random' would only reshuffle the mask: "
+                                 "use selection='fisher', 'reverse' or 'magnitude'")  # fmt: skip
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} must be an integer")
         validate_patterns(include, exclude)
@@ -167,6 +182,7 @@ class FisherMaskCallback(Callback):
         self.rewind_frozen = rewind_frozen
         self.sparse_optimizer_state = sparse_optimizer_state
         self.strict = strict
+        self.reselect_every_n_steps = reselect_every_n_steps
 
         self.masks: dict[str, Tensor] | None = None
         self.fisher: dict[str, Tensor] | None = None
@@ -182,6 +198,9 @@ class FisherMaskCallback(Callback):
         self._init_state: dict[str, Tensor] | None = None  # fit-start values, for rewind_frozen
         self._compact: list[CompactOptimizer] = []  # sparse_optimizer_state after the freeze
         self._digests: dict[str, str] | None = None  # frozen-entry hashes taken at the freeze
+        self._refisher: dict[str, Tensor] | None = None  # Fisher since the last selection (re-selection)
+        self._steps_since_select = 0
+        self.reselections = 0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -246,6 +265,8 @@ class FisherMaskCallback(Callback):
                 n: (saved[n] if saved is not None else p.detach()).to(p.device, copy=True)
                 for n, p in self._params.items()
             }
+        if restored is not None and restored.get("refisher") is not None:
+            self._refisher = {n: t.to(self._params[n].device) for n, t in restored["refisher"].items()}
         if self.frozen and self.sparse_optimizer_state:
             self._compact_optimizers(trainer)  # before Lightning loads the (compact) optimizer state
         rank_zero_info(
@@ -325,6 +346,12 @@ class FisherMaskCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         if self.frozen:
+            if self.reselect_every_n_steps is not None:
+                if self._refisher is None:
+                    self._refisher = zeros_like_params(self._params)
+                if not nonfinite_grads(self._params):
+                    accumulate_squared_grads(self._refisher, self._params, _inverse_loss_scale(trainer, optimizer))
+                self._steps_since_select += 1
             if self._compact:
                 for c in self._compact:
                     c.gather_grads()
@@ -366,6 +393,12 @@ class FisherMaskCallback(Callback):
     ) -> None:
         if not self.frozen and self.mask_epoch is None and self._warmup_done >= self.warmup_steps:
             self._freeze(trainer, pl_module)
+        elif (
+            self.frozen
+            and self.reselect_every_n_steps is not None
+            and self._steps_since_select >= self.reselect_every_n_steps
+        ):
+            self._reselect(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.frozen and self.mask_epoch is not None and trainer.current_epoch >= self.mask_epoch:
@@ -383,13 +416,7 @@ class FisherMaskCallback(Callback):
                     f"({self._skipped_nonfinite} steps skipped as non-finite); cannot rank entries"
                 )
             self.fisher = _reduce_mean(trainer, self.fisher)  # type: ignore[arg-type]
-        scores = selection_scores(self.selection, self.fisher, self._params, self.seed)
-        masks = select_masks(scores, self.sparsity, self.scope)
-        del scores
-        if trainer.world_size > 1:  # bit-identical masks on every rank, whatever the reduction did
-            packed = trainer.strategy.broadcast({n: pack_mask(m) for n, m in masks.items()}, src=0)
-            masks = {n: unpack_mask(packed[n], self._params[n].shape) for n in masks}
-        self.masks = {n: m.to(self._params[n].device) for n, m in masks.items()}
+        self.masks = self._select(trainer, self.fisher if self.selection in _NEEDS_FISHER else None)
         self._frozen_at_step = trainer.global_step
         if self._init_state is not None:
             with torch.no_grad():
@@ -402,6 +429,38 @@ class FisherMaskCallback(Callback):
             self.fisher = {n: f.detach().cpu() for n, f in self.fisher.items()}
         else:
             self.fisher = None
+        self._log_masks(trainer)
+        if self.sparse_optimizer_state:
+            self._compact_optimizers(trainer)
+        else:
+            self._install_guards(trainer)
+
+    def _select(self, trainer: pl.Trainer, fisher: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """Exactly k entries scored from ``fisher`` (already reduced across ranks), identical on every rank."""
+        scores = selection_scores(self.selection, fisher, self._params, self.seed)
+        masks = select_masks(scores, self.sparsity, self.scope)
+        del scores
+        if trainer.world_size > 1:  # bit-identical masks on every rank, whatever the reduction did
+            packed = trainer.strategy.broadcast({n: pack_mask(m) for n, m in masks.items()}, src=0)
+            masks = {n: unpack_mask(packed[n], self._params[n].shape) for n in masks}
+        return {n: m.to(self._params[n].device) for n, m in masks.items()}
+
+    def _reselect(self, trainer: pl.Trainer) -> None:
+        """Re-select k entries from the Fisher accumulated since the last selection."""
+        fisher = _reduce_mean(trainer, self._refisher) if self.selection in _NEEDS_FISHER else None  # type: ignore[arg-type]
+        new = self._select(trainer, fisher)
+        for c in self._compact:  # back to dense params; kept entries' state scattered, zeros elsewhere
+            c.expand()
+        self._compact = []
+        self._remove_guards()
+        for n, m in new.items():
+            newly = m & ~self.masks[n]  # type: ignore[index]
+            for opt in trainer.optimizers:
+                zero_state_entries(opt, self._params[n], newly)
+        self.masks = new
+        self._digests = {n: frozen_digest(self._params[n], m) for n, m in self.masks.items()}
+        self._refisher, self._steps_since_select = None, 0
+        self.reselections += 1
         self._log_masks(trainer)
         if self.sparse_optimizer_state:
             self._compact_optimizers(trainer)
@@ -519,6 +578,11 @@ class FisherMaskCallback(Callback):
             "frozen_at_step": self._frozen_at_step,
             "fisher_estimator": self.fisher_estimator,
             "digests": self._digests,
+            "refisher": {n: f.detach().cpu() for n, f in self._refisher.items()}
+            if self._refisher is not None
+            else None,
+            "steps_since_select": self._steps_since_select,
+            "reselections": self.reselections,
             "init_state": {n: t.detach().cpu() for n, t in self._init_state.items()}
             if self._init_state is not None
             else None,
@@ -535,6 +599,8 @@ class FisherMaskCallback(Callback):
         self._skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
         self._frozen_at_step = state_dict.get("frozen_at_step")
         self._digests = state_dict.get("digests")
+        self._steps_since_select = int(state_dict.get("steps_since_select", 0))
+        self.reselections = int(state_dict.get("reselections", 0))
         self._restored = state_dict
 
 

@@ -36,6 +36,7 @@ class CompactOptimizer:
         self.optimizer = optimizer
         self.pairs: list[tuple[nn.Parameter, Tensor, nn.Parameter]] = []  # (p, flat kept idx, compact c)
         self.dropped: list[nn.Parameter] = []  # fully frozen: out of the optimizer
+        self._layout = [list(g["params"]) for g in optimizer.param_groups]  # to expand() back
         by_id = {id(p): m for p, m in masks.items()}
         for group in optimizer.param_groups:
             params = []
@@ -79,6 +80,23 @@ class CompactOptimizer:
     def remove(self) -> None:
         self._handle.remove()
 
+    @torch.no_grad()
+    def expand(self) -> None:
+        """Undo the rewiring: the original parameters return to their groups, with their kept
+        entries' state scattered back (zeros elsewhere; fully frozen ones start fresh)."""
+        compact = {id(c): (p, idx) for p, idx, c in self.pairs}
+        for group in self.optimizer.param_groups:
+            for c in group["params"]:
+                if id(c) in compact:
+                    p, idx = compact[id(c)]
+                    state = self.optimizer.state.pop(c, None)
+                    if state:
+                        self.optimizer.state[p] = {k: _scatter_like(v, p, idx, c) for k, v in state.items()}
+        for group, params in zip(self.optimizer.param_groups, self._layout):
+            group["params"] = params
+        self.remove()
+        self.pairs, self.dropped = [], []
+
 
 def optimizer_state_bytes(optimizer: Optimizer) -> int:
     """Bytes of the tensors in ``optimizer.state`` (moments, momentum buffers, step counters)."""
@@ -92,6 +110,21 @@ def _gather_like(value: object, p: Tensor, idx: Tensor) -> object:
     if isinstance(value, Tensor) and value.dim() > 0 and value.shape == p.shape:
         return value.reshape(-1)[idx].clone()
     return value
+
+
+def _scatter_like(value: object, p: Tensor, idx: Tensor, c: Tensor) -> object:
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape == c.shape:
+        dense = torch.zeros(p.numel(), dtype=value.dtype, device=value.device)
+        return dense.index_copy_(0, idx, value).view(p.shape)
+    return value
+
+
+@torch.no_grad()
+def zero_state_entries(optimizer: Optimizer, p: Tensor, entries: Tensor) -> None:
+    """Zero ``p``'s per-entry optimizer state (moments, momentum) where ``entries`` (bool, p's shape)."""
+    for v in optimizer.state.get(p, {}).values():
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape == p.shape:
+            v.masked_fill_(entries, 0)
 
 
 def frozen_digest(p: Tensor, mask: Tensor) -> str:
