@@ -62,6 +62,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--extra", nargs="*", default=[], help="more fish-train overrides for every run")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (run 2 processes x 1 thread on 2 cores)")
     ap.add_argument("--no-report", action="store_true", help="skip the report (another process writes it)")
+    ap.add_argument("--report-only", action="store_true", help="only tidy finished runs and write the report")
     args = ap.parse_args(argv)
     if args.quick:
         args.tasks, args.peft, args.seeds = "sst2", "lora", 1
@@ -69,12 +70,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def plan(args: argparse.Namespace) -> list[tuple[str, str, int, list[str]]]:
-    """(task, method, seed, overrides) for every run."""
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides every run of the study shares."""
     common = [f"model={args.model}", "logger=none", "trainer.enable_progress_bar=false",
               f"trainer.max_epochs={args.epochs}", f"optim.lr={args.lr}", f"data.path={args.data_dir}",
               f"data.train_samples={args.train_samples}", "data.subsample_seed=0", *args.extra]  # fmt: skip
     common.append("data.val_samples=null" if args.val_samples <= 0 else f"data.val_samples={args.val_samples}")
+    return common
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, int, list[str]]]:
+    """(task, method, seed, overrides) for every run."""
+    common = common_overrides(args)
     fish_common = ["fish.mask_epoch=null", f"fish.warmup_steps={args.warmup_steps}"]
     tasks = args.tasks.split(",")
     for task in tasks:
@@ -110,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from hydra import compose, initialize_config_module
 
-    from fish_lightning.report import write_report
     from fish_lightning.train import run
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.report_only:
+        return report(out, args)
     runs = plan(args)
     print(f"{len(runs)} runs -> {out}")
     start = time.time()
@@ -134,12 +142,45 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # recorded as failed in results.json by run(); keep going
                 print(f"[{i}/{len(runs)}] {task} {method} seed {seed}: FAILED {type(err).__name__}: {err}", flush=True)
     print(f"study time {time.time() - start:.0f} s")
-    if args.no_report:
-        return 0
+    return 0 if args.no_report else report(out, args)
+
+
+def report(out: Path, args: argparse.Namespace) -> int:
+    """Tidy every finished run (portable paths, short setting labels), then table and plots."""
+    from fish_lightning.report import write_report
+
+    common = set(common_overrides(args))
+    for res in sorted(out.glob("*/*/seed*/results.json")):
+        rec = json.loads(_portable(res.read_text()))
+        own = [o for o in rec.get("overrides", []) if o not in common and not o.startswith("data.path=")]
+        rec["group"] = " ".join(sorted(o for o in own if not o.startswith("seed=")))
+        if rec.get("status") == "ok":
+            rec.pop("traceback", None)
+        res.write_text(json.dumps(rec, indent=1))
+        cfg = res.with_name("config.yaml")
+        if cfg.is_file():
+            cfg.write_text(_portable(cfg.read_text()))
+    (out / "study.json").write_text(json.dumps({"common_overrides": sorted(_portable(o) for o in common),
+                                                "command": study_command(args)},
+                                               indent=1))  # fmt: skip
     paths = write_report(out)
     plot_per_task(out)
     print("\n".join(f"wrote {p}" for p in paths.values()))
     return 0
+
+
+def study_command(args: argparse.Namespace) -> str:
+    """The command line that (re)makes this study's runs."""
+    opts = {"--tasks": args.tasks, "--peft": args.peft, "--seeds": args.seeds, "--train-samples": args.train_samples,
+            "--val-samples": args.val_samples, "--epochs": args.epochs, "--warmup-steps": args.warmup_steps,
+            "--lr": args.lr, "--model": args.model}  # fmt: skip
+    flags = " --ablation" if args.ablation else ""
+    return "python scripts/reproduce.py" + flags + "".join(f" {k} {v}" for k, v in opts.items())
+
+
+def _portable(text: str) -> str:
+    """Absolute paths of this checkout and its siblings (../shared) made relative to the repo root."""
+    return text.replace(f"{ROOT}/", "").replace(f"{ROOT.parent}/", "../")
 
 
 def plot_per_task(out: Path) -> None:
