@@ -29,18 +29,9 @@ from fish_lightning.export import (
 )
 from fish_lightning.modeling import apply_peft, build_sequence_classifier
 from fish_lightning.module import SequenceClassifier
+from test_peft_e2e import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    vocab_size=100,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
 BASE_SEED, INIT_SEED = 0, 1234
 
