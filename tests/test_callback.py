@@ -269,7 +269,25 @@ def test_random_and_magnitude_need_no_fisher():
         assert cb.num_kept == round(0.5 * cb.num_candidates)
 
 
-def test_two_callbacks_have_distinct_state_keys():
-    a = FisherMaskCallback(sparsity=0.5, selection="fisher")
-    b = FisherMaskCallback(sparsity=0.5, selection="random")
-    assert a.state_key != b.state_key
+def test_resume_with_changed_setting_is_refused():
+    state = FisherMaskCallback(sparsity=0.5, seed=0).state_dict()
+    with pytest.raises(ValueError, match=r"written with FisherMaskCallback\(seed=0\), this callback has seed=1"):
+        FisherMaskCallback(sparsity=0.5, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"sparsity=0.5\).*sparsity=0.9"):
+        FisherMaskCallback(sparsity=0.9).load_state_dict(state)
+
+
+def test_run_ending_before_the_freeze_warns_or_raises_when_strict():
+    with pytest.warns(UserWarning, match="training ended before the mask was frozen"):
+        fit(FisherMaskCallback(warmup_steps=500, mask_epoch=None), max_epochs=1)
+    with pytest.raises(RuntimeError, match="training ended before the mask was frozen"):
+        fit(FisherMaskCallback(warmup_steps=500, mask_epoch=None, strict=True), max_epochs=1)
+
+
+def test_sparse_state_refused_with_grad_scaler():
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(max_epochs=3, precision_plugin=SimpleNamespace(scaler=object()), optimizers=[])
+    cb = FisherMaskCallback(sparse_optimizer_state=True)
+    with pytest.raises(ValueError, match="does not support fp16 mixed precision with a GradScaler"):
+        cb.on_fit_start(trainer, TinyClassifier())

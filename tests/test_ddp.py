@@ -26,3 +26,18 @@ def test_ddp_two_ranks_same_fisher_and_mask(tmp_path, mode):
         assert torch.equal(r0["params"][n], r1["params"][n]), n
     total = sum(m.numel() for m in r0["masks"].values())
     assert sum(int(m.sum()) for m in r0["masks"].values()) == round(0.2 * total)
+
+
+def test_ddp_resume_during_warmup_equals_uninterrupted(tmp_path):
+    # per-example Fisher sums are rank-local until the freeze: the checkpoint must hold their mean
+    for mode in ("full", "resume"):
+        env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(29600 + (os.getpid() % 300) + len(mode)))
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), mode], env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        full, resumed = (torch.load(tmp_path / f"{m}{rank}.pt", weights_only=False) for m in ("full", "resume"))
+        for n in full["masks"]:
+            assert torch.equal(full["masks"][n], resumed["masks"][n]), n
+            torch.testing.assert_close(full["fisher"][n], resumed["fisher"][n], rtol=1e-6, atol=0)
+            assert torch.equal(full["params"][n], resumed["params"][n]), n

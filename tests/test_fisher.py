@@ -110,3 +110,29 @@ def test_slice_batch_structures():
     b = {"a": torch.arange(4), "b": [torch.arange(8).view(4, 2), "keep"]}
     s = slice_batch(b, 1, 3)
     assert s["a"].tolist() == [1, 2] and s["b"][0].tolist() == [[2, 3], [4, 5]] and s["b"][1] == "keep"
+
+
+def test_tied_weights_across_modules_mha_and_padding_idx_are_exact():
+    torch.manual_seed(0)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 4, padding_idx=0)
+            self.mha = nn.MultiheadAttention(4, 1, batch_first=True)  # uses out_proj.weight without out_proj()
+            self.head = nn.Linear(4, 11, bias=False)
+            self.head.weight = self.emb.weight  # one parameter, two modules
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            h = self.mha(h, h, h, need_weights=False)[0] + h
+            return self.head(h.mean(1))
+
+    net = Tied()
+    ids = torch.randint(0, 11, (5, 6))
+    ids[:, -2:] = 0  # padding
+    y = torch.randint(0, 11, (5,))
+    loss_fn = lambda b: F.cross_entropy(net(b[0]), b[1], reduction="none")  # noqa: E731
+    params = dict(net.named_parameters())
+    fast = _compare(net, loss_fn, (ids, y), params)
+    assert float(fast["mha.out_proj.weight"].abs().max()) > 0  # recovered by the loop, not a silent 0

@@ -195,6 +195,7 @@ class FisherMaskCallback(Callback):
         self._guards: list[FrozenEntryGuard] = []
         self._restored: dict[str, Any] | None = None
         self._per_example: PerExampleSquaredGrads | None = None  # warmup hooks while attached
+        self._trainer: pl.Trainer | None = None
         self._init_state: dict[str, Tensor] | None = None  # fit-start values, for rewind_frozen
         self._compact: list[CompactOptimizer] = []  # sparse_optimizer_state after the freeze
         self._digests: dict[str, str] | None = None  # frozen-entry hashes taken at the freeze
@@ -203,11 +204,8 @@ class FisherMaskCallback(Callback):
         self.reselections = 0
 
     # ------------------------------------------------------------------ properties
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            sparsity=self.sparsity, selection=self.selection, scope=self.scope, seed=self.seed
-        )
+    # ``state_key`` stays Lightning's default (the class name): a key built from the settings would make a
+    # resumed run with a changed setting silently skip load_state_dict; load_state_dict checks them instead.
 
     @property
     def frozen(self) -> bool:
@@ -238,6 +236,18 @@ class FisherMaskCallback(Callback):
                 f"trains epochs 0..{max_epochs - 1}; use mask_epoch < max_epochs or mask_epoch=None"
             )
         check_supported(pl_module)
+        if self.sparse_optimizer_state and getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "sparse_optimizer_state=True does not support fp16 mixed precision with a GradScaler (the scaler "
+                "unscales the optimizer's compact tensors before their gradients exist): use precision='bf16-mixed' "
+                "or '32-true', or sparse_optimizer_state=False"
+            )
+        if len(trainer.optimizers) > 1:
+            rank_zero_warn(
+                f"FISH assumes one optimizer; this run has {len(trainer.optimizers)}: warmup steps and the Fisher "
+                "are counted per optimizer.step() call"
+            )
+        self._trainer = trainer
         named = dict(pl_module.named_parameters())
         if self._restored is not None and self._restored["candidates"] is not None:
             self.candidates = list(self._restored["candidates"])
@@ -314,6 +324,10 @@ class FisherMaskCallback(Callback):
         )
         self.fisher_estimator = "batch_grad"
         self._detach_per_example()
+        if self.fisher is not None and self._warmup_done:  # do not mix the two estimators' scales
+            rank_zero_warn(f"FISH: restarting the Fisher; the {self._warmup_done} steps so far stay dense warmup")
+            for f in self.fisher.values():
+                f.zero_()
 
     def _detach_per_example(self) -> None:
         if self._per_example is not None:
@@ -330,8 +344,8 @@ class FisherMaskCallback(Callback):
             return
         try:
             n = batch_size(batch)
-        except TypeError as err:
-            self._fall_back_to_batch_grad(str(err))
+        except (TypeError, IndexError) as err:
+            self._fall_back_to_batch_grad(f"cannot size the batch: {err}")
             return
         # training loss = mean over the batch / accumulate_grad_batches (* AMP loss scale): undo both
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -357,14 +371,18 @@ class FisherMaskCallback(Callback):
                     c.gather_grads()
             else:
                 mask_gradients(self._params, self.masks)  # type: ignore[arg-type]
+                for g in self._guards:  # snapshot now, not in the step pre-hook that precedes the closure
+                    g.snapshot()
             return
         if self.mask_epoch is None and self._warmup_done >= self.warmup_steps:
             return  # freezing at the end of this batch
         if self.mask_epoch is not None and self._warmup_done >= self.warmup_steps:
             return  # dense training until mask_epoch; Fisher is complete
         hooks = self._per_example
+        if hooks is not None:
+            hooks.missed.update(hooks.unseen({n: p.grad for n, p in self._params.items()}))
         if hooks is not None and hooks.missed:
-            self._fall_back_to_batch_grad(f"inputs shared across the batch reach {sorted(hooks.missed)[:3]}")
+            self._fall_back_to_batch_grad(f"no per-example gradient for {sorted(hooks.missed)[:3]}")
             hooks = None
         bad = nonfinite_grads(self._params)
         if bad:
@@ -494,7 +512,7 @@ class FisherMaskCallback(Callback):
     def _install_guards(self, trainer: pl.Trainer) -> None:
         self._remove_guards()
         by_param = {self._params[n]: m for n, m in self.masks.items()}  # type: ignore[union-attr]
-        self._guards = [FrozenEntryGuard(opt, by_param) for opt in trainer.optimizers]
+        self._guards = [FrozenEntryGuard(opt, by_param, snapshot_in_pre_hook=False) for opt in trainer.optimizers]
         covered = sum(g.num_guarded for g in self._guards)
         partial = sum(1 for m in self.masks.values() if not bool(m.all()))  # type: ignore[union-attr]
         if covered < partial:
@@ -540,8 +558,18 @@ class FisherMaskCallback(Callback):
         return {"frozen_unchanged": not moved, "kept": self.num_kept, "candidates": self.num_candidates,
                 "moved": moved}  # fmt: skip
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # Lightning skips Callback.teardown on an exception
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.masks is None or self._digests is None:
+        if self.masks is None:
+            msg = (f"FISH: training ended before the mask was frozen (warmup steps done: {self._warmup_done}, "
+                   f"mask_epoch={self.mask_epoch}): every candidate trained densely")  # fmt: skip
+            if self.strict:
+                raise RuntimeError(msg)
+            rank_zero_warn(msg)
+            return
+        if self._digests is None:
             return
         report = self.verify(pl_module)
         for logger in trainer.loggers:
@@ -567,11 +595,11 @@ class FisherMaskCallback(Callback):
         return {
             "sparsity": self.sparsity,
             "selection": self.selection,
+            "scope": self.scope,
+            "seed": self.seed,
             "candidates": list(self.candidates) if self.candidates is not None else None,
             "masks": {n: pack_mask(m) for n, m in self.masks.items()} if self.masks is not None else None,
-            "fisher": {n: f.detach().cpu() for n, f in self.fisher.items()}
-            if (self.fisher is not None and self.masks is None)
-            else None,
+            "fisher": self._fisher_for_checkpoint(),
             "warmup_done": self._warmup_done,
             "fisher_examples": self._fisher_examples,
             "skipped_nonfinite": self._skipped_nonfinite,
@@ -588,12 +616,23 @@ class FisherMaskCallback(Callback):
             else None,
         }
 
+    def _fisher_for_checkpoint(self) -> dict[str, Tensor] | None:
+        """The warmup Fisher, averaged over ranks: rank 0 writes the checkpoint, and per-example sums are
+        rank-local until the freeze (state_dict runs on every rank while saving, so the reduce is safe)."""
+        if self.fisher is None or self.masks is not None:
+            return None
+        fisher = self.fisher
+        if self._trainer is not None and self._trainer.world_size > 1:
+            fisher = _reduce_mean(self._trainer, {n: f.clone() for n, f in fisher.items()})
+        return {n: f.detach().cpu() for n, f in fisher.items()}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("sparsity") != self.sparsity:
-            raise ValueError(
-                f"checkpoint was written with sparsity={state_dict.get('sparsity')!r}, "
-                f"this callback has sparsity={self.sparsity!r}"
-            )
+        for key in ("sparsity", "selection", "scope", "seed"):
+            if key in state_dict and state_dict[key] != getattr(self, key):
+                raise ValueError(
+                    f"checkpoint was written with FisherMaskCallback({key}={state_dict[key]!r}), this callback has "
+                    f"{key}={getattr(self, key)!r}: resume with the same settings (or start a new run)"
+                )
         self._warmup_done = int(state_dict["warmup_done"])
         self._fisher_examples = int(state_dict.get("fisher_examples", 0))
         self._skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))

@@ -151,7 +151,10 @@ class PerExampleSquaredGrads:
 
     Requires the loss to be a sum (or mean) over independent examples. A module called several
     times in one forward (tied weights) buffers per-example gradients until the backward ends, so
-    the square is taken of their sum. ``uncovered`` lists parameters no rule applies to.
+    the square is taken of their sum; the same holds for one parameter shared by several modules.
+    ``uncovered`` lists parameters no rule applies to; ``missed`` those whose per-example values
+    were lost at run time (a batch-shared input, or use without the module's forward: see
+    :meth:`unseen`); callers redo both exactly.
 
     Args:
         model: the module whose forward runs.
@@ -169,15 +172,23 @@ class PerExampleSquaredGrads:
             if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)) or _is_dora_magnitude(module):
                 if isinstance(module, nn.Linear) and set(owned) - {"weight", "bias"}:
                     continue
+                if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+                    continue
+                if isinstance(module, nn.Embedding) and (
+                    module.max_norm is not None or module.scale_grad_by_freq or module.sparse
+                ):
+                    continue
                 self._rules.append((module, owned))
                 covered.update(owned.values())
+        self._owned = {id(m): o for m, o in self._rules}
         self.uncovered = [n for n in params if n not in covered]
         self.missed: set[str] = set()  # covered, but a call's gradient was not per-example (see _on_forward)
         self.sums: dict[str, Tensor] = {}
         self._params = {n: params[n] for n in covered}
         self._handles: list[Any] = []
-        self._calls: dict[int, int] = {}
-        self._pending: dict[str, Tensor] = {}  # per-example grads of multi-call modules, [B, *shape]
+        self._calls: dict[str, int] = {}  # per parameter name: module calls in this forward (tied weights)
+        self._pending: dict[str, Tensor] = {}  # per-example grads of multi-call parameters, [B, *shape]
+        self._seen: set[str] = set()  # names that got a per-example contribution since reset()
         self._batch: int | None = None
         self.factor = 1.0
 
@@ -211,13 +222,21 @@ class PerExampleSquaredGrads:
             self.sums[name].add_(g.square().sum(0), alpha=self.factor)
         self._pending = {}
 
+    def unseen(self, grads: Mapping[str, Tensor | None]) -> list[str]:
+        """Covered names with a nonzero gradient that no hook saw: the parameter was used without its
+        module's forward (e.g. ``F.linear(x, mod.weight)``, ``nn.MultiheadAttention.out_proj``)."""
+        return [n for n, g in grads.items() if n in self._params and n not in self._seen and g is not None
+                and bool(g.detach().ne(0).any())]  # fmt: skip
+
     def reset(self) -> None:
         for s in self.sums.values():
             s.zero_()
+        self._seen = set()
 
     # ------------------------------------------------------------------ hooks
     def _count(self, module: nn.Module, args: tuple) -> None:
-        self._calls[id(module)] = self._calls.get(id(module), 0) + 1
+        for name in self._owned[id(module)].values():
+            self._calls[name] = self._calls.get(name, 0) + 1
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._batch is None or not isinstance(output, Tensor) or not output.requires_grad:
@@ -245,13 +264,13 @@ class PerExampleSquaredGrads:
         output.register_hook(lambda g, m=module, s=saved: self._on_grad(m, s, g))
 
     def _missed_call(self, module: nn.Module) -> None:
-        self.missed.update(next(o for m, o in self._rules if m is module).values())
+        self.missed.update(self._owned[id(module)].values())
 
     def _on_grad(self, module: nn.Module, x: Tensor, g: Tensor) -> None:
-        owned = next(o for m, o in self._rules if m is module)
-        multi = self._calls.get(id(module), 1) > 1
-        for attr, name in owned.items():
-            self._add(name, multi, self._per_example(module, attr, x, g))
+        for attr, name in self._owned[id(module)].items():
+            multi = self._calls.get(name, 1) > 1
+            self._seen.add(name)
+            self._add(name, multi, self._per_example(module, attr, x, g, multi))
 
     def _add(self, name: str, multi: bool, per_example: Any) -> None:
         if multi:  # per_example is a [B, *shape] tensor
@@ -261,10 +280,9 @@ class PerExampleSquaredGrads:
             per_example(self.sums[name], self.factor)
 
     # ------------------------------------------------------------------ rules
-    def _per_example(self, module: nn.Module, attr: str, x: Tensor, g: Tensor) -> Any:
+    def _per_example(self, module: nn.Module, attr: str, x: Tensor, g: Tensor, multi: bool) -> Any:
         b = g.shape[0]
         g = g.detach().float().reshape(b, -1, g.shape[-1])
-        multi = self._calls.get(id(module), 1) > 1
         if isinstance(module, nn.Linear):
             x = x.float().reshape(b, -1, x.shape[-1])
             if attr == "bias":
@@ -281,6 +299,8 @@ class PerExampleSquaredGrads:
                 grads = (g * xhat).sum(1)
             return grads if multi else _square_into(grads)
         if isinstance(module, nn.Embedding):
+            if module.padding_idx is not None:  # autograd gives the padding row no gradient
+                g = g.masked_fill(x.reshape(b, -1, 1) == module.padding_idx, 0.0)
             return _embedding_per_example(x, g, module.num_embeddings) if multi else _embedding_square_into(x, g)
         # DoRA magnitude: x holds (result + base)
         z = x.float().reshape(b, -1, x.shape[-1])
@@ -346,8 +366,9 @@ def per_example_fisher_hooks(
         if hooks.covered:
             hooks.start_batch(n)
             loss = loss_fn(batch).sum()
-            torch.autograd.grad(loss, [params[k] for k in hooks.covered], allow_unused=True)
+            grads = torch.autograd.grad(loss, [params[k] for k in hooks.covered], allow_unused=True)
             hooks.finish_batch()
+            hooks.missed.update(hooks.unseen(dict(zip(hooks.covered, grads))))
     finally:
         hooks.detach()
     for name, s in hooks.sums.items():

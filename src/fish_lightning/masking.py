@@ -41,7 +41,7 @@ def mask_gradients(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) ->
     for n, m in masks.items():
         g = params[n].grad
         if g is not None:
-            g.mul_(m)
+            g.masked_fill_(~m, 0.0)  # (not mul_: inf * 0 would be NaN)
 
 
 class FrozenEntryGuard:
@@ -52,10 +52,20 @@ class FrozenEntryGuard:
             least one frozen entry are guarded.
         masks: parameter -> bool mask (True = trainable entry), same shape and device.
 
-    Memory: a transient copy of each guarded tensor during the step; nothing kept between steps.
+    Args:
+        snapshot_in_pre_hook: copy the guarded tensors in the step pre-hook; ``False`` when the caller
+            calls :meth:`snapshot` itself before every step.
+
+    Memory: a copy of each guarded tensor from the snapshot until the step ends; nothing kept
+    between steps. Under Lightning the closure (forward
+    and backward) runs inside ``optimizer.step()``, after the pre-hook, so the callback calls
+    :meth:`snapshot` from ``on_before_optimizer_step`` to avoid holding the copy through them.
     """
 
-    def __init__(self, optimizer: Optimizer, masks: Mapping[nn.Parameter, Tensor]) -> None:
+    def __init__(
+        self, optimizer: Optimizer, masks: Mapping[nn.Parameter, Tensor], snapshot_in_pre_hook: bool = True
+    ) -> None:
+        self.snapshot_in_pre_hook = snapshot_in_pre_hook
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self._guarded = [(p, m) for p, m in masks.items() if id(p) in in_opt and not bool(m.all())]
         self._saved: list[Tensor] = []
@@ -69,13 +79,23 @@ class FrozenEntryGuard:
         return len(self._guarded)
 
     @torch.no_grad()
-    def _pre(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
+    def snapshot(self) -> None:
+        """Copy the guarded tensors now (parameters must not change before the step)."""
         self._saved = [p.detach().clone() for p, _ in self._guarded]
+
+    def _pre(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
+        if self.snapshot_in_pre_hook and not self._saved:
+            self.snapshot()
 
     @torch.no_grad()
     def _post(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
-        if not self._saved:
+        if not self._guarded:
             return
+        if not self._saved:
+            raise RuntimeError(
+                "FrozenEntryGuard: the optimizer stepped without a snapshot of the guarded tensors, so frozen "
+                "entries may have moved: call snapshot() before optimizer.step() or use snapshot_in_pre_hook=True"
+            )
         for (p, m), old in zip(self._guarded, self._saved):
             p.detach().copy_(torch.where(m, p.detach(), old))
         self._saved = []
