@@ -12,7 +12,7 @@ Methods at the budget of rank 2 (``budget.r=2``: the mask keeps exactly rank-2's
 and for DoRA ``dora-r2`` plus the three masks at rank 8. The warmup ablation (``--ablation``)
 compares, for FISH-LoRA on one task, a mask
 from calibration before any update (original FISH; LoRA's B = 0 makes every A score 0) with masks
-after 10 and 50 dense warmup steps.
+after 10 (the main study) and 50 dense warmup steps, and with re-selection every 20 steps.
 
 Usage:
     python scripts/reproduce.py                    # the full study (about an hour on 2 CPU cores)
@@ -88,10 +88,10 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int, list[str]]]:
         if task not in TASKS + ("mrpc", "qnli"):
             raise SystemExit(f"reproduce.py: unknown task {task!r}: expected some of {TASKS + ('mrpc', 'qnli')}")
     if args.ablation:
-        table = {
+        table = {  # (warmup 10 without re-selection is the main study's lora-r8+fisher)
             "lora-r8+fisher@calibration": ["fish.warmup_steps=0", "fish.calibration_samples=256"],
-            "lora-r8+fisher@warmup10": ["fish.warmup_steps=10"],
             "lora-r8+fisher@warmup50": ["fish.warmup_steps=50"],
+            "lora-r8+fisher@reselect20": ["fish.warmup_steps=10", "fish.reselect_every_n_steps=20"],
         }
         groups = [{k: ["peft=lora", "peft.r=8", "fish=fisher", "budget.r=2", "fish.mask_epoch=null", *v]
                    for k, v in table.items()}]  # fmt: skip
