@@ -154,6 +154,7 @@ def report(out: Path, args: argparse.Namespace) -> int:
         rec = json.loads(_portable(res.read_text()))
         own = [o for o in rec.get("overrides", []) if o not in common and not o.startswith("data.path=")]
         rec["group"] = " ".join(sorted(o for o in own if not o.startswith("seed=")))
+        rec["method"] = res.parent.parent.name  # the study's label (ablation variants differ only in settings)
         if rec.get("status") == "ok":
             rec.pop("traceback", None)
         res.write_text(json.dumps(rec, indent=1))
@@ -164,6 +165,9 @@ def report(out: Path, args: argparse.Namespace) -> int:
                                                 "command": study_command(args)},
                                                indent=1))  # fmt: skip
     paths = write_report(out)
+    for path in paths.values():
+        if path.suffix in (".md", ".csv"):
+            path.write_text(_portable(path.read_text()))
     plot_per_task(out)
     print("\n".join(f"wrote {p}" for p in paths.values()))
     return 0
