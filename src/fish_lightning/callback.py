@@ -21,10 +21,9 @@ Lifecycle, in optimizer steps:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,14 +34,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fish_lightning.calibration import calibrate_fisher
 from fish_lightning.candidates import check_supported, find_candidates, validate_patterns
 from fish_lightning.fisher import (
     PerExampleSquaredGrads,
     accumulate_squared_grads,
     batch_size,
     nonfinite_grads,
-    per_example_fisher_hooks,
-    slice_batch,
     zeros_like_params,
 )
 from fish_lightning.masking import FrozenEntryGuard, mask_gradients, pack_mask, unpack_mask
@@ -486,22 +484,7 @@ class FisherMaskCallback(Callback):
             self._install_guards(trainer)
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        loader = trainer.train_dataloader
-        if loader is None:
-            raise RuntimeError("FISH calibration needs the train dataloader, but the trainer has none")
-        fisher = zeros_like_params(self._params)
-        loss_fn = _per_example_loss_fn(pl_module)
-        seen = 0
-        with _eval_mode(pl_module), torch.enable_grad():
-            for batch in loader:
-                batch = trainer.strategy.batch_to_device(batch)
-                take = min(batch_size(batch), self.calibration_samples - seen)  # type: ignore[operator]
-                fisher, n = per_example_fisher_hooks(
-                    loss_fn, slice_batch(batch, 0, take), pl_module, self._params, fisher
-                )
-                seen += n
-                if seen >= self.calibration_samples:  # type: ignore[operator]
-                    break
+        fisher, seen = calibrate_fisher(trainer, pl_module, self._params, self.calibration_samples)  # type: ignore[arg-type]
         if seen < self.calibration_samples:  # type: ignore[operator]
             rank_zero_warn(
                 f"calibration_samples={self.calibration_samples} but the train dataloader yielded {seen} examples"
@@ -664,46 +647,3 @@ def _reduce_mean(trainer: pl.Trainer, fisher: dict[str, Tensor]) -> dict[str, Te
         out[n] = flat[offset : offset + numel].view_as(fisher[n])
         offset += numel
     return out
-
-
-def _per_example_loss_fn(pl_module: pl.LightningModule):
-    """``batch -> losses``: the module's ``fisher_loss``, else ``training_step`` (logging muted), whose
-    loss is taken to be a mean over the batch."""
-    if callable(getattr(pl_module, "fisher_loss", None)):
-        return pl_module.fisher_loss
-
-    def loss_fn(batch: Any) -> Tensor:
-        with _muted_logging(pl_module):
-            out = pl_module.training_step(batch, 0)
-        loss = out["loss"] if isinstance(out, dict) else out
-        if not isinstance(loss, Tensor):
-            raise TypeError(
-                "FISH calibration: training_step returned no loss tensor; define "
-                "`fisher_loss(batch) -> Tensor[batch]` on the LightningModule"
-            )
-        return loss * batch_size(batch)  # a batch mean -> the sum of per-example losses
-
-    return loss_fn
-
-
-@contextlib.contextmanager
-def _muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
-    def _noop(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    pl_module.log, pl_module.log_dict = _noop, _noop  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del pl_module.log, pl_module.log_dict
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.train(training)

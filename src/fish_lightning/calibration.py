@@ -1,0 +1,84 @@
+"""FISH calibration (the original FISH procedure): the Fisher from true per-example gradients of
+training examples, computed without updating anything, with the model in eval mode.
+
+Lightning-level helpers used by :class:`~fish_lightning.callback.FisherMaskCallback`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from fish_lightning.fisher import batch_size, per_example_fisher_hooks, slice_batch, zeros_like_params
+
+
+def calibrate_fisher(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor], n_samples: int
+) -> tuple[dict[str, Tensor], int]:
+    """Sum of squared per-example gradients over the first ``n_samples`` training examples.
+
+    Returns ``(fisher, examples_seen)``; nothing is updated and no ``.grad`` is touched.
+    """
+    loader = trainer.train_dataloader
+    if loader is None:
+        raise RuntimeError("FISH calibration needs the train dataloader, but the trainer has none")
+    fisher = zeros_like_params(params)
+    loss_fn = per_example_loss_fn(pl_module)
+    seen = 0
+    with eval_mode(pl_module), torch.enable_grad():
+        for batch in loader:
+            batch = trainer.strategy.batch_to_device(batch)
+            take = min(batch_size(batch), n_samples - seen)
+            fisher, n = per_example_fisher_hooks(loss_fn, slice_batch(batch, 0, take), pl_module, params, fisher)
+            seen += n
+            if seen >= n_samples:
+                break
+    return fisher, seen
+
+
+def per_example_loss_fn(pl_module: pl.LightningModule):
+    """``batch -> losses``: the module's ``fisher_loss``, else ``training_step`` (logging muted), whose
+    loss is taken to be a mean over the batch."""
+    if callable(getattr(pl_module, "fisher_loss", None)):
+        return pl_module.fisher_loss
+
+    def loss_fn(batch: Any) -> Tensor:
+        with muted_logging(pl_module):
+            out = pl_module.training_step(batch, 0)
+        loss = out["loss"] if isinstance(out, dict) else out
+        if not isinstance(loss, Tensor):
+            raise TypeError(
+                "FISH calibration: training_step returned no loss tensor; define "
+                "`fisher_loss(batch) -> Tensor[batch]` on the LightningModule"
+            )
+        return loss * batch_size(batch)  # a batch mean -> the sum of per-example losses
+
+    return loss_fn
+
+
+@contextlib.contextmanager
+def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    def _noop(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.log, pl_module.log_dict = _noop, _noop  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
