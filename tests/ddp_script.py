@@ -25,6 +25,11 @@ class Dump(pl.Callback):
         )
 
 
+def ddp_trainer(max_epochs: int, callbacks: list, **kw) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=max_epochs, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kw)  # fmt: skip
+
+
 def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
     if mode in ("full", "resume"):  # per-example Fisher, checkpoint/resume during warmup (mask at epoch 2)
@@ -32,16 +37,7 @@ def main(out: str, mode: str) -> None:
 
         cb = FisherMaskCallback(sparsity=0.8, warmup_steps=6, mask_epoch=2, keep_fisher=True)
         extra = [ModelCheckpoint(dirpath=out, save_top_k=-1, every_n_epochs=1, filename="{epoch}")]
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp",
-            max_epochs=3,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[cb, Dump(cb, out, prefix=mode), *extra],
-        )
+        trainer = ddp_trainer(3, [cb, Dump(cb, out, prefix=mode), *extra])
         ckpt = os.path.join(out, "epoch=0.ckpt") if mode == "resume" else None
         trainer.fit(TinyClassifier(), make_loader(n=64, batch=8), ckpt_path=ckpt)
         return
@@ -50,17 +46,7 @@ def main(out: str, mode: str) -> None:
     else:  # "warmup", or "sparse": the same with optimizer state for kept entries only
         cb = FisherMaskCallback(sparsity=0.8, warmup_steps=4, mask_epoch=1, keep_fisher=True,
                                 sparse_optimizer_state=mode == "sparse")  # fmt: skip
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb, Dump(cb, out)],
-    )
+    trainer = ddp_trainer(2, [cb, Dump(cb, out)], enable_checkpointing=False)
     trainer.fit(TinyClassifier(), make_loader(n=64, batch=8))
 
 

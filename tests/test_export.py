@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
 
 from conftest import make_trainer
 from fish_lightning import FisherMaskCallback
@@ -30,21 +29,15 @@ from fish_lightning.export import (
 from fish_lightning.modeling import apply_peft, build_sequence_classifier
 from fish_lightning.module import SequenceClassifier
 from test_peft_e2e import TINY
+from test_peft_e2e import token_batches as e2e_token_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
 BASE_SEED, INIT_SEED = 0, 1234
 
 
-def token_batches(n=32, batch=8, seq=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (n, seq), generator=g)
-    labels = (ids[:, 0] > 50).long()
-    rows = [
-        {"input_ids": ids[i], "attention_mask": torch.ones(seq, dtype=torch.long), "labels": labels[i]}
-        for i in range(n)
-    ]
-    return DataLoader(rows, batch_size=batch, shuffle=False)
+def token_batches(n=32, **kw):
+    return e2e_token_batches(n=n, **kw)
 
 
 def base(seed=BASE_SEED):
