@@ -183,8 +183,9 @@ def study_command(args: argparse.Namespace) -> str:
 
 
 def _portable(text: str) -> str:
-    """Absolute paths of this checkout and its siblings (../shared) made relative to the repo root."""
-    return text.replace(f"{ROOT}/", "").replace(f"{ROOT.parent}/", "../")
+    """Absolute paths of this checkout and its siblings (../shared) made relative to the repo root, and
+    the home directory (e.g. the tokenisation cache) written as ``~``."""
+    return text.replace(f"{ROOT}/", "").replace(f"{ROOT.parent}/", "../").replace(f"{Path.home()}/", "~/")
 
 
 def plot_per_task(out: Path) -> None:
