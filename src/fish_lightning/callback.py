@@ -47,10 +47,19 @@ from fish_lightning.masking import FrozenEntryGuard, mask_gradients, pack_mask, 
 from fish_lightning.selection import (
     SCOPES,
     SELECTIONS,
-    density_report,
     num_kept,
     select_masks,
+    select_masks_sharded,
     selection_scores,
+)
+from fish_lightning.sharding import (
+    check_placements,
+    gather_full,
+    is_sharded,
+    local,
+    local_rows,
+    reduce_scatter_sum,
+    shard_range,
 )
 from fish_lightning.sparse_state import CompactOptimizer, frozen_digest, zero_state_entries
 
@@ -200,6 +209,8 @@ class FisherMaskCallback(Callback):
         self._refisher: dict[str, Tensor] | None = None  # Fisher since the last selection (re-selection)
         self._steps_since_select = 0
         self.reselections = 0
+        self._sharded: set[str] = set()  # candidates split across ranks (FSDP2 DTensor shards)
+        self._kept_counts: dict[str, int] | None = None  # name -> kept entries over all ranks
 
     # ------------------------------------------------------------------ properties
     # ``state_key`` stays Lightning's default (the class name): a key built from the settings would make a
@@ -217,6 +228,8 @@ class FisherMaskCallback(Callback):
     @property
     def num_kept(self) -> int:
         """Kept candidate entries: exact after the freeze, the target ``k`` before it."""
+        if self._kept_counts is not None:
+            return sum(self._kept_counts.values())
         if self.masks is not None:
             return sum(int(m.sum()) for m in self.masks.values())
         return num_kept(self.num_candidates, self.sparsity)
@@ -255,14 +268,17 @@ class FisherMaskCallback(Callback):
         else:
             self.candidates = find_candidates(pl_module, self.include, self.exclude)
         self._params = {n: named[n] for n in self.candidates}
+        self._check_sharding(trainer)
         restored, self._restored = self._restored, None
         if restored is not None and restored.get("masks") is not None:
             self.masks = {
-                n: unpack_mask(packed, self._params[n].shape).to(self._params[n].device)
+                n: self._local_part(unpack_mask(packed, self._params[n].shape), n).to(self._params[n].device)
                 for n, packed in restored["masks"].items()
             }
+            self._kept_counts = {n: int(unpack_mask(packed, (self._params[n].numel(),)).sum())
+                                 for n, packed in restored["masks"].items()}  # fmt: skip
         elif restored is not None and restored.get("fisher") is not None:
-            self.fisher = {n: t.to(self._params[n].device) for n, t in restored["fisher"].items()}
+            self.fisher = {n: self._local_part(t, n).to(self._params[n].device) for n, t in restored["fisher"].items()}
         elif self.masks is None and self._accumulates_warmup:
             self.fisher = zeros_like_params(self._params)
         if restored is not None:
@@ -270,7 +286,7 @@ class FisherMaskCallback(Callback):
         if self.rewind_frozen and self.masks is None:
             saved = (restored or {}).get("init_state")
             self._init_state = {
-                n: (saved[n] if saved is not None else p.detach()).to(p.device, copy=True)
+                n: (self._local_part(saved[n], n) if saved is not None else local(p).detach()).to(p.device, copy=True)
                 for n, p in self._params.items()
             }
         if restored is not None and restored.get("refisher") is not None:
@@ -395,7 +411,9 @@ class FisherMaskCallback(Callback):
                 )
             return
         if hooks is not None:
-            for n, acc in hooks.sums.items():
+            for n, acc in hooks.sums.items():  # (in the candidates' order: collectives match across ranks)
+                if n in self._sharded:  # whole-shaped sums of this rank's examples -> mean over ranks, own rows
+                    acc = reduce_scatter_sum(acc, self._params[n]).div_(trainer.world_size)
                 self.fisher[n].add_(acc)  # type: ignore[index]
             hooks.reset()
         elif self._accumulates_warmup:
@@ -431,13 +449,13 @@ class FisherMaskCallback(Callback):
                     "FISH: no finite warmup gradient was accumulated before the freeze "
                     f"({self._skipped_nonfinite} steps skipped as non-finite); cannot rank entries"
                 )
-            self.fisher = _reduce_mean(trainer, self.fisher)  # type: ignore[arg-type]
+            self.fisher = _reduce_mean(trainer, self.fisher, skip=self._sharded)  # type: ignore[arg-type]
         self.masks = self._select(trainer, self.fisher if self.selection in _NEEDS_FISHER else None)
         self._frozen_at_step = trainer.global_step
         if self._init_state is not None:
             with torch.no_grad():
                 for n, m in self.masks.items():
-                    p = self._params[n].detach()
+                    p = local(self._params[n]).detach()
                     p.copy_(torch.where(m, p, self._init_state[n]))
             self._init_state = None
         self._digests = {n: frozen_digest(self._params[n], m) for n, m in self.masks.items()}
@@ -454,12 +472,72 @@ class FisherMaskCallback(Callback):
     def _select(self, trainer: pl.Trainer, fisher: dict[str, Tensor] | None) -> dict[str, Tensor]:
         """Exactly k entries scored from ``fisher`` (already reduced across ranks), identical on every rank."""
         scores = selection_scores(self.selection, fisher, self._params, self.seed)
-        masks = select_masks(scores, self.sparsity, self.scope)
+        if self._sharded:
+            masks = self._select_sharded(trainer, scores)
+        else:
+            masks = select_masks(scores, self.sparsity, self.scope)
         del scores
-        if trainer.world_size > 1:  # bit-identical masks on every rank, whatever the reduction did
-            packed = trainer.strategy.broadcast({n: pack_mask(m) for n, m in masks.items()}, src=0)
-            masks = {n: unpack_mask(packed[n], self._params[n].shape) for n in masks}
-        return {n: m.to(self._params[n].device) for n, m in masks.items()}
+        replicated = [n for n in masks if n not in self._sharded]
+        if trainer.world_size > 1 and replicated:  # bit-identical masks on every rank, whatever the reduction did
+            packed = trainer.strategy.broadcast({n: pack_mask(masks[n]) for n in replicated}, src=0)
+            masks.update({n: unpack_mask(packed[n], self._params[n].shape) for n in replicated})
+        masks = {n: m.to(self._params[n].device) for n, m in masks.items()}
+        self._kept_counts = self._global_counts(trainer, masks)
+        return masks
+
+    def _select_sharded(self, trainer: pl.Trainer, scores: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Exactly k entries over every rank's shards (the same entries a single process would keep);
+        replicated candidates are scored by rank 0 and broadcast by the caller."""
+        rank, local_scores, offsets = trainer.global_rank, {}, {}
+        for n, p in self._params.items():
+            s = local(scores[n])
+            if n in self._sharded:
+                local_scores[n] = s if s.shape == local(p).shape else local_rows(s, p)  # random: drawn whole
+                offsets[n] = shard_range(p)[0]
+            else:
+                local_scores[n] = s if rank == 0 else s.reshape(-1)[:0]
+                offsets[n] = 0 if rank == 0 else p.numel()
+        masks = select_masks_sharded(
+            local_scores, {n: p.numel() for n, p in self._params.items()}, offsets, self.sparsity,
+            lambda t: trainer.strategy.reduce(t, reduce_op="sum"), rank, trainer.world_size, self.scope,
+        )  # fmt: skip
+        return {n: m if n in self._sharded else m.reshape(-1)[:0] for n, m in masks.items()}
+
+    def _global_counts(self, trainer: pl.Trainer, masks: dict[str, Tensor]) -> dict[str, int]:
+        """name -> kept entries summed over the ranks' shards (one all-reduce when sharded)."""
+        counts = torch.tensor([int(m.sum()) for m in masks.values()], dtype=torch.int64)
+        if self._sharded:
+            own = torch.tensor([n in self._sharded or trainer.global_rank == 0 for n in masks], dtype=torch.int64)
+            counts = trainer.strategy.reduce((counts * own).to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        return {n: int(c) for n, c in zip(masks, counts)}
+
+    def _local_part(self, full: Tensor, name: str) -> Tensor:
+        """This rank's rows of a whole tensor restored from a checkpoint (the whole tensor if not sharded)."""
+        return local_rows(full, self._params[name]) if name in self._sharded else full
+
+    def _check_sharding(self, trainer: pl.Trainer) -> None:
+        """Find the candidates FSDP2 split across ranks; refuse what FISH does not support with them."""
+        for n, p in self._params.items():
+            check_placements(p, f"candidate {n!r}")
+        self._sharded = {n for n, p in self._params.items() if is_sharded(p)}
+        if "deepspeed" in type(trainer.strategy).__name__.lower():
+            raise ValueError(
+                f"FISH does not support {type(trainer.strategy).__name__}: DeepSpeed keeps its own fp32 master "
+                "partitions of the parameters, so frozen entries cannot be held fixed from a callback; use "
+                "strategy='ddp' or FSDP2 (ModelParallelStrategy with fully_shard)"
+            )
+        if not self._sharded:
+            return
+        unsupported = {"sparse_optimizer_state": self.sparse_optimizer_state,
+                       "reselect_every_n_steps": self.reselect_every_n_steps is not None,
+                       "calibration_samples": self.calibration_samples is not None}  # fmt: skip
+        bad = [k for k, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(
+                f"FISH: {', '.join(bad)} is not supported with sharded parameters ({len(self._sharded)} FSDP2 "
+                f"candidates, e.g. {sorted(self._sharded)[0]!r}): use the warmup Fisher with a fixed mask and "
+                "the dense masked step, or a data-parallel strategy"
+            )
 
     def _reselect(self, trainer: pl.Trainer) -> None:
         """Re-select k entries from the Fisher accumulated since the last selection."""
@@ -514,8 +592,9 @@ class FisherMaskCallback(Callback):
         self._guards = []
 
     def _log_masks(self, trainer: pl.Trainer) -> None:
-        density = density_report(self.masks)  # type: ignore[arg-type]
-        total = density.pop("__total__")
+        counts = self._kept_counts or {n: int(m.sum()) for n, m in self.masks.items()}  # type: ignore[union-attr]
+        density = {n: c / max(1, self._params[n].numel()) for n, c in counts.items()}
+        total = sum(counts.values()) / max(1, self.num_candidates)
         metrics = {f"fish/density/{n}": d for n, d in density.items()}
         metrics.update(
             {"fish/density": total, "fish/kept": float(self.num_kept), "fish/candidates": float(self.num_candidates)}
@@ -581,20 +660,22 @@ class FisherMaskCallback(Callback):
             "scope": self.scope,
             "seed": self.seed,
             "candidates": list(self.candidates) if self.candidates is not None else None,
-            "masks": {n: pack_mask(m) for n, m in self.masks.items()} if self.masks is not None else None,
+            "masks": {n: pack_mask(self._whole(m, n)) for n, m in self.masks.items()}
+            if self.masks is not None
+            else None,
             "fisher": self._fisher_for_checkpoint(),
             "warmup_done": self._warmup_done,
             "fisher_examples": self._fisher_examples,
             "skipped_nonfinite": self._skipped_nonfinite,
             "frozen_at_step": self._frozen_at_step,
             "fisher_estimator": self.fisher_estimator,
-            "digests": self._digests,
+            "digests": self._digests_for_checkpoint(),
             "refisher": {n: f.detach().cpu() for n, f in self._refisher.items()}
             if self._refisher is not None
             else None,
             "steps_since_select": self._steps_since_select,
             "reselections": self.reselections,
-            "init_state": {n: t.detach().cpu() for n, t in self._init_state.items()}
+            "init_state": {n: self._whole(t, n).detach().cpu() for n, t in self._init_state.items()}
             if self._init_state is not None
             else None,
         }
@@ -606,8 +687,26 @@ class FisherMaskCallback(Callback):
             return None
         fisher = self.fisher
         if self._trainer is not None and self._trainer.world_size > 1:
-            fisher = _reduce_mean(self._trainer, {n: f.clone() for n, f in fisher.items()})
-        return {n: f.detach().cpu() for n, f in fisher.items()}
+            fisher = _reduce_mean(self._trainer, {n: f.clone() for n, f in fisher.items()}, skip=self._sharded)
+        return {n: self._whole(f, n).detach().cpu() for n, f in fisher.items()}
+
+    def _whole(self, t: Tensor, name: str) -> Tensor:
+        """A sharded candidate's per-rank tensor gathered whole (a collective: every rank calls it)."""
+        if name not in self._sharded:
+            return t
+        if t.dtype == torch.bool:  # gloo has no bool collectives
+            return gather_full(t.to(torch.uint8), self._params[name]).bool()
+        return gather_full(t, self._params[name])
+
+    def _digests_for_checkpoint(self) -> dict[str, Any] | None:
+        """Frozen-entry hashes; with sharded candidates each rank hashes its own shard, so all ranks' are kept."""
+        if self._digests is None or not self._sharded or self._trainer is None:
+            return self._digests
+        import torch.distributed as dist
+
+        every: list[Any] = [None] * self._trainer.world_size
+        dist.all_gather_object(every, self._digests)
+        return {"by_rank": every}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("sparsity", "selection", "scope", "seed"):
@@ -620,7 +719,13 @@ class FisherMaskCallback(Callback):
         self._fisher_examples = int(state_dict.get("fisher_examples", 0))
         self._skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
         self._frozen_at_step = state_dict.get("frozen_at_step")
-        self._digests = state_dict.get("digests")
+        digests = state_dict.get("digests")
+        if isinstance(digests, dict) and "by_rank" in digests:  # written by a sharded run: this rank's own
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            digests = digests["by_rank"][rank]
+        self._digests = digests
         self._steps_since_select = int(state_dict.get("steps_since_select", 0))
         self.reselections = int(state_dict.get("reselections", 0))
         self._restored = state_dict
@@ -634,16 +739,21 @@ def _inverse_loss_scale(trainer: pl.Trainer, optimizer: Optimizer) -> float:
     return 1.0
 
 
-def _reduce_mean(trainer: pl.Trainer, fisher: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Average the Fisher over ranks with one all-reduce of a flat buffer."""
+def _reduce_mean(
+    trainer: pl.Trainer, fisher: dict[str, Tensor], skip: set[str] | frozenset = frozenset()
+) -> dict[str, Tensor]:
+    """Average the Fisher over ranks with one all-reduce of a flat buffer (``skip``: sharded tensors, whose
+    per-rank parts are different rows, already averaged when accumulated)."""
     if trainer.world_size <= 1:
         return fisher
-    names = list(fisher)
+    names = [n for n in fisher if n not in skip]
+    if not names:
+        return fisher
     flat = torch.cat([fisher[n].reshape(-1) for n in names])
     flat = trainer.strategy.reduce(flat, reduce_op="mean")
-    out, offset = {}, 0
+    out, offset = {n: fisher[n] for n in skip if n in fisher}, 0
     for n in names:
         numel = fisher[n].numel()
         out[n] = flat[offset : offset + numel].view_as(fisher[n])
         offset += numel
-    return out
+    return {n: out[n] for n in fisher}

@@ -16,6 +16,7 @@ import csv
 import hashlib
 import importlib.util
 import json
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -287,9 +288,10 @@ class TextClassificationData(pl.LightningDataModule):
                 item["token_type_ids"] = torch.tensor(tt)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
+            # a per-process temporary name: concurrent runs (sweeps, joblib) may tokenise the same split
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
             torch.save(out, tmp)
-            tmp.replace(cache)
+            tmp.replace(cache)  # atomic: readers see the old file, none, or the whole new one
         return out
 
     def setup(self, stage: str | None = None) -> None:

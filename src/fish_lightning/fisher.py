@@ -19,19 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fish_lightning.sharding import local
+
 LossFn = Callable[[Any], Tensor]
 
 
 def zeros_like_params(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """fp32 zero accumulators shaped like ``params`` (on their devices)."""
-    return {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    """fp32 zero accumulators shaped like ``params`` (on their devices; a sharded parameter's local shard)."""
+    return {n: torch.zeros(local(p).shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
 
 
 def nonfinite_grads(params: Mapping[str, Tensor]) -> dict[str, float]:
     """name -> first non-finite gradient value, for the parameters whose ``.grad`` has one."""
     bad: dict[str, float] = {}
     for n, p in params.items():
-        g = p.grad
+        g = None if p.grad is None else local(p.grad)
         if g is not None and not bool(torch.isfinite(g).all()):
             bad[n] = float(g[~torch.isfinite(g)].reshape(-1)[0])
     return bad
@@ -49,7 +51,7 @@ def accumulate_squared_grads(
         g = p.grad
         if g is None:
             continue
-        g = g.detach().float()
+        g = local(g).detach().float()
         if inv_scale != 1.0:
             g = g * inv_scale
         fisher[n].addcmul_(g, g)
@@ -184,7 +186,7 @@ class PerExampleSquaredGrads:
         self.uncovered = [n for n in params if n not in covered]
         self.missed: set[str] = set()  # covered, but a call's gradient was not per-example (see _on_forward)
         self.sums: dict[str, Tensor] = {}
-        self._params = {n: params[n] for n in covered}
+        self._params = {n: p for n, p in params.items() if n in covered}  # params' order: same on every rank
         self._handles: list[Any] = []
         self._calls: dict[str, int] = {}  # per parameter name: module calls in this forward (tied weights)
         self._pending: dict[str, Tensor] = {}  # per-example grads of multi-call parameters, [B, *shape]
@@ -199,8 +201,8 @@ class PerExampleSquaredGrads:
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> PerExampleSquaredGrads:
         """Register the hooks (idempotent) and make fp32 zero sums for the covered parameters."""
-        if not self.sums:
-            self.sums = zeros_like_params(self._params)
+        if not self.sums:  # whole-shaped, also for sharded parameters (modules run on gathered weights)
+            self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self._params.items()}
         if not self._handles:
             for module, _ in self._rules:
                 self._handles.append(module.register_forward_pre_hook(self._count, with_kwargs=False))
@@ -226,7 +228,7 @@ class PerExampleSquaredGrads:
         """Covered names with a nonzero gradient that no hook saw: the parameter was used without its
         module's forward (e.g. ``F.linear(x, mod.weight)``, ``nn.MultiheadAttention.out_proj``)."""
         return [n for n, g in grads.items() if n in self._params and n not in self._seen and g is not None
-                and bool(g.detach().ne(0).any())]  # fmt: skip
+                and bool(local(g).detach().ne(0).any())]  # fmt: skip
 
     def reset(self) -> None:
         for s in self.sums.values():

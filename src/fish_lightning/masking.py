@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from fish_lightning.sharding import local
+
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -41,7 +43,7 @@ def mask_gradients(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) ->
     for n, m in masks.items():
         g = params[n].grad
         if g is not None:
-            g.masked_fill_(~m, 0.0)  # (not mul_: inf * 0 would be NaN)
+            local(g).masked_fill_(~m, 0.0)  # (not mul_: inf * 0 would be NaN)
 
 
 class FrozenEntryGuard:
@@ -81,7 +83,7 @@ class FrozenEntryGuard:
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the guarded tensors now (parameters must not change before the step)."""
-        self._saved = [p.detach().clone() for p, _ in self._guarded]
+        self._saved = [local(p).detach().clone() for p, _ in self._guarded]
 
     def _pre(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
         if self.snapshot_in_pre_hook and not self._saved:
@@ -97,7 +99,8 @@ class FrozenEntryGuard:
                 "entries may have moved: call snapshot() before optimizer.step() or use snapshot_in_pre_hook=True"
             )
         for (p, m), old in zip(self._guarded, self._saved):
-            p.detach().copy_(torch.where(m, p.detach(), old))
+            t = local(p).detach()
+            t.copy_(torch.where(m, t, old))
         self._saved = []
 
     def remove(self) -> None:

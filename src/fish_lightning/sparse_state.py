@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from fish_lightning.sharding import local
+
 
 class CompactOptimizer:
     """Swap partly masked parameters of ``optimizer`` for compact parameters of their kept entries.
@@ -129,5 +131,5 @@ def zero_state_entries(optimizer: Optimizer, p: Tensor, entries: Tensor) -> None
 
 def frozen_digest(p: Tensor, mask: Tensor) -> str:
     """SHA-256 of the bytes of ``p``'s frozen entries (``~mask``), in flat index order."""
-    frozen = p.detach()[~mask].contiguous().cpu()
+    frozen = local(p).detach()[~mask].contiguous().cpu()
     return hashlib.sha256(frozen.view(torch.uint8).numpy().tobytes()).hexdigest()

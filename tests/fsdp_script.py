@@ -1,0 +1,81 @@
+"""Run by tests/test_fsdp.py: 2-rank CPU (gloo) training of a LoRA tiny BERT under FSDP2
+(Lightning's ModelParallelStrategy + ``fully_shard``) or DDP; rank 0 saves the gathered masks,
+Fisher and parameters.
+
+Usage: python fsdp_script.py OUT_DIR {fsdp,ddp} {per_example,batch_grad} {fisher,random}
+"""
+
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fish_lightning import FisherMaskCallback  # noqa: E402
+from fish_lightning.module import SequenceClassifier  # noqa: E402
+from test_peft_e2e import lora_module, token_batches  # noqa: E402
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class ShardedClassifier(SequenceClassifier):
+    """FSDP2: every transformer layer and the root sharded over the data-parallel mesh."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.base_model.model.bert.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+class Record(pl.Callback):
+    """Whole parameters at the freeze (start of epoch 1) and at the end, gathered on every rank."""
+
+    def __init__(self, fish: FisherMaskCallback, out: str, tag: str) -> None:
+        self.fish, self.out, self.tag, self.at_freeze = fish, out, tag, None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            self.at_freeze = {n: full(p).detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_end(self, trainer, pl_module):
+        fish = self.fish
+        record = {
+            "masks": {n: fish._whole(m, n) for n, m in fish.masks.items()},
+            "fisher": {n: fish._whole(f, n) for n, f in (fish.fisher or {}).items()},
+            "local_shapes": {n: tuple(m.shape) for n, m in fish.masks.items()},
+            "sharded": sorted(fish._sharded),
+            "kept": fish.num_kept,
+            "verify": fish.verify(pl_module),
+            "at_freeze": self.at_freeze,
+            "final": {n: full(p).detach().clone() for n, p in pl_module.named_parameters()},
+        }
+        torch.save(record, os.path.join(self.out, f"{self.tag}_rank{trainer.global_rank}.pt"))
+
+
+def main(out: str, mode: str, estimator: str, selection: str) -> None:
+    torch.set_num_threads(1)
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    module = lora_module()
+    if mode == "fsdp":
+        module = ShardedClassifier(module.model, num_labels=2, lr=1e-2, warmup_ratio=None)
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        strategy = "ddp"
+    cb = FisherMaskCallback(sparsity=0.8, warmup_steps=4, mask_epoch=1, keep_fisher=True,
+                            fisher_estimator=estimator, selection=selection)  # fmt: skip
+    record = Record(cb, out, f"{mode}_{estimator}_{selection}")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         limit_val_batches=0, callbacks=[cb, record])  # fmt: skip
+    trainer.fit(module, token_batches(n=64, batch=8))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
