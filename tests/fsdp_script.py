@@ -3,6 +3,8 @@
 Fisher and parameters.
 
 Usage: python fsdp_script.py OUT_DIR {fsdp,ddp} {per_example,batch_grad} {fisher,random}
+Environment: FISH_ACCELERATOR (default cpu; scripts/check_sharded_gpu.py sets gpu), FISH_PRECISION
+(default 32-true).
 """
 
 import os
@@ -71,9 +73,10 @@ def main(out: str, mode: str, estimator: str, selection: str) -> None:
     cb = FisherMaskCallback(sparsity=0.8, warmup_steps=4, mask_epoch=1, keep_fisher=True,
                             fisher_estimator=estimator, selection=selection)  # fmt: skip
     record = Record(cb, out, f"{mode}_{estimator}_{selection}")
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         limit_val_batches=0, callbacks=[cb, record])  # fmt: skip
+    accelerator, precision = os.environ.get("FISH_ACCELERATOR", "cpu"), os.environ.get("FISH_PRECISION", "32-true")
+    trainer = pl.Trainer(accelerator=accelerator, devices=2, strategy=strategy, precision=precision, max_epochs=2,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, limit_val_batches=0, callbacks=[cb, record])  # fmt: skip
     trainer.fit(module, token_batches(n=64, batch=8))
 
 

@@ -44,3 +44,16 @@ def test_fsdp2_masks_equal_ddp_and_frozen_entries_stay(tmp_path, estimator, sele
         before, after = r0["at_freeze"][n], r0["final"][n]
         assert torch.equal(after[~m], before[~m]), n  # AdamW(weight_decay) did not move frozen entries
     assert any(not torch.equal(r0["final"][n][m], r0["at_freeze"][n][m]) for n, m in r0["masks"].items())
+
+
+@pytest.mark.parametrize("name", ["DeepSpeedStrategy", "FSDPStrategy"])
+def test_strategies_that_cannot_hold_frozen_entries_are_refused(name):
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from conftest import TinyClassifier, make_loader, make_trainer
+    from fish_lightning import FisherMaskCallback
+
+    lookalike = type(name, (SingleDeviceStrategy,), {})(device=torch.device("cpu"))  # only the class name matters
+    trainer = make_trainer([FisherMaskCallback(sparsity=0.5, warmup_steps=2)], max_epochs=2, strategy=lookalike)
+    with pytest.raises(ValueError, match=f"FISH does not support {name}"):
+        trainer.fit(TinyClassifier(), make_loader())

@@ -520,11 +520,18 @@ class FisherMaskCallback(Callback):
         for n, p in self._params.items():
             check_placements(p, f"candidate {n!r}")
         self._sharded = {n for n, p in self._params.items() if is_sharded(p)}
-        if "deepspeed" in type(trainer.strategy).__name__.lower():
+        strategy = type(trainer.strategy).__name__
+        if "deepspeed" in strategy.lower():
             raise ValueError(
-                f"FISH does not support {type(trainer.strategy).__name__}: DeepSpeed keeps its own fp32 master "
-                "partitions of the parameters, so frozen entries cannot be held fixed from a callback; use "
+                f"FISH does not support {strategy}: DeepSpeed keeps its own fp32 master partitions of the "
+                "parameters and steps them itself, so frozen entries cannot be held fixed from a callback; use "
                 "strategy='ddp' or FSDP2 (ModelParallelStrategy with fully_shard)"
+            )
+        if strategy == "FSDPStrategy":
+            raise ValueError(
+                "FISH does not support FSDPStrategy (FSDP1): its flat parameters expose each rank's piece of a "
+                "candidate as a 1-D view, not a placed shard; use FSDP2: ModelParallelStrategy with fully_shard "
+                "in configure_model (see docs/distributed.md), or strategy='ddp'"
             )
         if not self._sharded:
             return
