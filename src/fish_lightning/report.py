@@ -4,6 +4,10 @@ Every training run writes ``results.json`` into its run directory. This module f
 seeds of one setting (same task, method and group) and writes ``runs.csv``, ``summary.md``, ``summary.csv`` and
 ``metric_vs_params.png``. Runs that failed, crashed before writing results, or lack a finite value of the reported
 metric are always listed, never dropped. No Hydra, pandas or torch needed.
+
+Layouts read: Hydra's basic and joblib launchers (``DIR/<job num>/``), submitit (the same, plus ``DIR/.submitit/<job
+id>/``, whose log files are named for runs that crashed without ``results.json``) and the Optuna sweeper (plus
+``DIR/optimization_results.yaml``, whose best trial ``summary.md`` reports).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = "results.json"
+OPTUNA_RESULTS = "optimization_results.yaml"
+SUBMITIT = ".submitit"
 CRASHED = "no results.json: the run crashed before writing results"
 UNKNOWN = "(unknown)"
 PLOT = "metric_vs_params.png"
@@ -102,7 +108,7 @@ def _find_run_dirs(root: Path) -> list[Path]:
     """Directories under ``root`` (itself included) holding ``results.json`` or ``.hydra/config.yaml``."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d != ".hydra"]
+        dirnames[:] = [d for d in dirnames if d not in (".hydra", SUBMITIT)]
         here = Path(dirpath)
         if RESULTS in filenames or (here / ".hydra" / "config.yaml").is_file():
             found.append(here)
@@ -115,7 +121,7 @@ def _load_run(run_dir: Path, root: Path) -> dict[str, Any]:
     run.update(run_dir=run_dir.relative_to(root).as_posix(), metrics={}, overrides=_read_overrides(run_dir))
     path = run_dir / RESULTS
     if not path.is_file():
-        return {**run, "status": "failed", "error": CRASHED}
+        return {**run, "status": "failed", "error": CRASHED + _submitit_hint(run_dir, root)}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -153,6 +159,106 @@ def _load_run(run_dir: Path, root: Path) -> dict[str, Any]:
         overrides=overrides,
     )
     return run
+
+
+def _hydra_job_id(run_dir: Path) -> str | None:
+    """``hydra.job.id`` from ``.hydra/hydra.yaml`` (the submitit job id under the submitit launchers), without YAML."""
+    try:
+        lines = (run_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    in_job = False
+    for line in lines:
+        if line.startswith("  ") and not line.startswith("   "):  # a key of the `hydra:` mapping
+            in_job = line.rstrip() == "  job:"
+        elif in_job and line.startswith("    id:"):
+            value = line.split(":", 1)[1].strip().strip("'\"")
+            return value if re.fullmatch(r"[\w.\-]+", value) else None
+    return None
+
+
+def _submitit_hint(run_dir: Path, root: Path) -> str:
+    """``"; submitit log <path>: <last line>"`` for a run launched by submitit, else ``""``."""
+    job_id = _hydra_job_id(run_dir)
+    if job_id is None:
+        return ""
+    for base in (run_dir, *run_dir.parents):
+        folder = base / SUBMITIT / job_id
+        if folder.is_dir():
+            logs = sorted(folder.glob("*_log.err")) or sorted(folder.glob("*_log.out"))
+            if not logs:
+                return f"; submitit job {job_id}: no log file in {folder}"
+            try:
+                text = logs[0].read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                text = ""
+            last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "(empty)")
+            shown = logs[0].relative_to(root) if logs[0].is_relative_to(root) else logs[0]
+            return f"; submitit log {shown.as_posix()}: {last[:300]}"
+        if base == root:
+            break
+    return ""
+
+
+def _override_dict(overrides: Sequence[str]) -> dict[str, str]:
+    return {k.lstrip("+~"): v for k, _, v in (o.partition("=") for o in overrides)}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    fa, fb = _as_float(a), _as_float(b)
+    if fa is not None and fb is not None:
+        return math.isclose(fa, fb, rel_tol=1e-9, abs_tol=0.0)
+    return str(a) == str(b)
+
+
+def read_optuna_results(dir: str | os.PathLike[str], runs: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
+    """The Optuna sweeper's ``optimization_results.yaml`` in ``dir``, or ``None`` when there is none.
+
+    Single objective: ``{"best_value": float, "best_params": {name: value}, "run_dirs": [...]}``, ``run_dirs`` being
+    the ``runs`` whose overrides hold exactly these values. Several objectives: ``{"solutions": [{"values": [...],
+    "params": {...}}, ...]}``. An unreadable file gives ``{"error": message}``.
+    """
+    path = Path(dir) / OPTUNA_RESULTS
+    if not path.is_file():
+        return None
+    try:
+        import yaml  # PyYAML, installed with hydra-core/omegaconf
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except Exception as e:  # a missing PyYAML, bad YAML or encoding: reported, never fatal
+        return {"error": f"cannot read {OPTUNA_RESULTS}: {type(e).__name__}: {e}"}
+    if not isinstance(data, dict):
+        return {"error": f"{OPTUNA_RESULTS} is not a mapping"}
+    if isinstance(data.get("best_params"), dict):
+        best = {str(k): v for k, v in data["best_params"].items()}
+        matched = [
+            r["run_dir"]
+            for r in runs
+            if all(k in (ov := _override_dict(r.get("overrides") or [])) and _same_value(ov[k], v)
+                   for k, v in best.items())
+        ]  # fmt: skip
+        return {"best_value": _as_float(data.get("best_value")), "best_params": best, "run_dirs": matched}
+    if isinstance(data.get("solutions"), list):
+        return {"solutions": [s for s in data["solutions"] if isinstance(s, dict)]}
+    return {"error": f"{OPTUNA_RESULTS} has neither best_params nor solutions"}
+
+
+def _optuna_markdown(optuna: dict[str, Any]) -> list[str]:
+    lines = ["## Optuna", ""]
+    if "error" in optuna:
+        return [*lines, optuna["error"], ""]
+    if "solutions" in optuna:
+        lines.append(f"Pareto front ({len(optuna['solutions'])} trial(s), from `{OPTUNA_RESULTS}`):")
+        lines.append("")
+        for sol in optuna["solutions"]:
+            params = ", ".join(f"{k}={v}" for k, v in (sol.get("params") or {}).items())
+            lines.append(f"- values {sol.get('values')}: {_cell(params)}")
+        return [*lines, ""]
+    value = optuna["best_value"]
+    params = ", ".join(f"`{k}={v}`" for k, v in optuna["best_params"].items())
+    where = ", ".join(f"`{d}`" for d in optuna["run_dirs"]) or "(no run directory with these overrides found)"
+    shown = "n/a" if value is None else f"{value:.4f}"
+    return [*lines, f"Best trial (from `{OPTUNA_RESULTS}`): value {shown} with {params}; run {where}.", ""]
 
 
 def collect_runs(dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -293,8 +399,9 @@ def render_markdown(
     runs: Sequence[dict[str, Any]],
     rows: Sequence[dict[str, Any]],
     unusable: Sequence[tuple[dict[str, Any], str]] = (),
+    optuna: dict[str, Any] | None = None,
 ) -> str:
-    """The ``summary.md`` text: one table per task, notes, then the failed (and unusable) runs."""
+    """The ``summary.md`` text: tables per task, notes, the Optuna best trial, then the failed (and unusable) runs."""
     failed = [r for r in runs if r["status"] != "ok"]
     head = f"{len(runs)} run(s): {len(runs) - len(failed)} ok, {len(failed)} failed"
     if unusable:
@@ -325,6 +432,8 @@ def render_markdown(
         if notes:
             lines += ["Notes:", "", *notes, ""]
 
+    if optuna is not None:
+        lines += _optuna_markdown(optuna)
     lines += ["## Failed runs", ""]
     lines += [f"- {_run_label(r)}: {_cell(r['error'])}" for r in failed] or ["none"]
     lines.append("")
@@ -400,6 +509,7 @@ class Report:
     markdown: str
     paths: dict[str, Path] = field(default_factory=dict)
     plot_skipped: str | None = None
+    optuna: dict[str, Any] | None = None
 
 
 def build_report(
@@ -423,7 +533,8 @@ def build_report(
             )
     rows = summarize(runs, metric)
     unusable = unusable_runs(runs, metric)
-    markdown = render_markdown(root, runs, rows, unusable)
+    optuna = read_optuna_results(root, runs)
+    markdown = render_markdown(root, runs, rows, unusable, optuna)
 
     out_dir = Path(out) if out is not None else root
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -432,7 +543,7 @@ def build_report(
     csv_rows = [
         {**r, **{(f"metrics.{k}" if k in RUN_COLUMNS else k): v for k, v in r["metrics"].items()}} for r in runs
     ]
-    report = Report(root, runs, rows, unusable, markdown)
+    report = Report(root, runs, rows, unusable, markdown, optuna=optuna)
     report.paths["runs.csv"] = out_dir / "runs.csv"
     _write_csv(report.paths["runs.csv"], columns, csv_rows)
     report.paths["summary.md"] = out_dir / "summary.md"

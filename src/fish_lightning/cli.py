@@ -1,0 +1,121 @@
+"""``fish-cli``: LightningCLI over :class:`PeftSequenceClassifier` and ``data.TextClassificationData``.
+
+The FISH mask is an ordinary Trainer callback in the YAML::
+
+    trainer:
+      callbacks:
+        - class_path: fish_lightning.FisherMaskCallback
+          init_args: {sparsity: 0.9, warmup_steps: 50, mask_epoch: 1}
+
+``fish-cli fit --config examples/lightning_cli/sst2_lora_fish.yaml`` (also ``validate``, ``test``,
+``--print_config``). ``model.num_labels`` and ``model.metrics`` are taken from the data module's task. A value
+our classes refuse (``sparsity=1.5``, an unknown peft method or task) ends the command with one line naming it.
+Needs ``pip install "fish-lightning[cli]"`` (``jsonargparse[signatures]``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from fish_lightning.adapter_init import seeded_init_
+from fish_lightning.data import TextClassificationData
+from fish_lightning.modeling import apply_peft, build_sequence_classifier
+from fish_lightning.module import SequenceClassifier
+
+#: peft methods whose adapters get per-tensor seeded init (reproducible, exportable sparsely), as in ``fish-train``
+SEEDED_INIT = ("lora", "dora", "rslora")
+
+
+class PeftSequenceClassifier(SequenceClassifier):
+    """A :class:`~fish_lightning.module.SequenceClassifier` that builds its peft-wrapped model from plain settings.
+
+    Args:
+        model_name: a local directory or hub id for ``from_pretrained``, or ``"minilm"`` (the packaged, offline
+            MiniLM-L6); ``None`` with ``tiny_config``.
+        num_labels: classes (``1``: regression); ``fish-cli`` links it to ``data.num_labels``.
+        peft: a method of :data:`fish_lightning.modeling.PEFT_METHODS` (``"none"``: full fine-tuning).
+        peft_kwargs: options of that method's config, e.g. ``{r: 8, lora_alpha: 16, target_modules: [query, value]}``.
+        tiny_config: ``BertConfig`` options of a small randomly initialised BERT (tests, smoke runs).
+        model_kwargs: further options of :func:`~fish_lightning.modeling.build_sequence_classifier`.
+        seed: seed of the tiny model's weights and of the LoRA/DoRA/rsLoRA adapter init (per-tensor seeds).
+        metrics, lr, weight_decay, warmup_ratio: as :class:`~fish_lightning.module.SequenceClassifier`
+            (``fish-cli`` links ``metrics`` to ``data.metrics``).
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = "minilm",
+        num_labels: int = 2,
+        peft: str = "lora",
+        peft_kwargs: dict[str, Any] | None = None,
+        tiny_config: dict[str, Any] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        metrics: tuple[str, ...] | list[str] = ("accuracy",),
+        lr: float = 5e-4,
+        weight_decay: float = 0.01,
+        warmup_ratio: float | None = 0.06,
+    ) -> None:
+        if model_name is None and tiny_config is None:
+            raise ValueError("model_name=None needs tiny_config: set model_name (e.g. 'minilm') or tiny_config")
+        net = build_sequence_classifier(model_name, num_labels, tiny_config, seed, **(model_kwargs or {}))
+        net = apply_peft(net, peft, **(peft_kwargs or {}))
+        if peft in SEEDED_INIT:
+            seeded_init_(net, seed)
+        super().__init__(net, num_labels=num_labels, metrics=metrics, lr=lr, weight_decay=weight_decay,
+                         warmup_ratio=warmup_ratio)  # fmt: skip
+        self.save_hyperparameters()  # load_from_checkpoint rebuilds the same model from these settings
+
+
+class CLIConfigError(ValueError):
+    """A value refused while building the model, data or callbacks from the parsed config."""
+
+
+class FishCLI(LightningCLI):
+    """LightningCLI that takes ``model.num_labels``/``model.metrics`` from the data module's task."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
+        parser.link_arguments("data.metrics", "model.metrics", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # our constructors' messages name the bad value and what would be valid
+            raise CLIConfigError(str(_innermost_value_error(err))) from err
+
+
+def _innermost_value_error(err: BaseException) -> BaseException:
+    """The deepest ``ValueError`` behind ``err``: the constructor's own, under jsonargparse's wrappers (which list
+    every type of a ``Union`` the value failed, e.g. for ``trainer.callbacks``)."""
+    found, seen = err, set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ValueError):
+            found = current
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def cli_main(args: ArgsType = None, run: bool = True, **kwargs: Any) -> FishCLI:
+    """Build (and with ``run=True`` run the subcommand of) :class:`FishCLI`; ``args`` as for ``LightningCLI``."""
+    kwargs.setdefault("seed_everything_default", 0)
+    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    return FishCLI(PeftSequenceClassifier, TextClassificationData, args=args, run=run, **kwargs)
+
+
+def main(args: ArgsType = None) -> None:
+    """Console entry ``fish-cli``: a refused value exits with status 2 and one ``fish-cli: error: ...`` line."""
+    try:
+        cli_main(args)
+    except CLIConfigError as err:
+        print(f"fish-cli: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
