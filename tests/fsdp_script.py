@@ -2,7 +2,9 @@
 (Lightning's ModelParallelStrategy + ``fully_shard``) or DDP; rank 0 saves the gathered masks,
 Fisher and parameters.
 
-Usage: python fsdp_script.py OUT_DIR {fsdp,ddp} {per_example,batch_grad} {fisher,random}
+Usage: python fsdp_script.py OUT_DIR {fsdp,ddp,full,resume} {per_example,batch_grad} {fisher,random} [EPOCH]
+("full": FSDP2 over 4 epochs with the mask at epoch 2, checkpointing every epoch; "resume": the same from
+the checkpoint of EPOCH that "full" wrote: 0 is mid-warmup, 2 is after the freeze.)
 Environment: FISH_ACCELERATOR (default cpu; scripts/check_sharded_gpu.py sets gpu), FISH_PRECISION
 (default 32-true).
 """
@@ -42,7 +44,7 @@ class Record(pl.Callback):
         self.fish, self.out, self.tag, self.at_freeze = fish, out, tag, None
 
     def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == 1:
+        if trainer.current_epoch == self.fish.mask_epoch:
             self.at_freeze = {n: full(p).detach().clone() for n, p in pl_module.named_parameters()}
 
     def on_train_end(self, trainer, pl_module):
@@ -60,25 +62,34 @@ class Record(pl.Callback):
         torch.save(record, os.path.join(self.out, f"{self.tag}_rank{trainer.global_rank}.pt"))
 
 
-def main(out: str, mode: str, estimator: str, selection: str) -> None:
+def main(out: str, mode: str, estimator: str, selection: str, epoch: str = "0") -> None:
     torch.set_num_threads(1)
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     module = lora_module()
-    if mode == "fsdp":
+    if mode != "ddp":
         module = ShardedClassifier(module.model, num_labels=2, lr=1e-2, warmup_ratio=None)
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     else:
         strategy = "ddp"
-    cb = FisherMaskCallback(sparsity=0.8, warmup_steps=4, mask_epoch=1, keep_fisher=True,
-                            fisher_estimator=estimator, selection=selection)  # fmt: skip
-    record = Record(cb, out, f"{mode}_{estimator}_{selection}")
+    resumable = mode in ("full", "resume")  # 4 steps an epoch: the checkpoint of epoch 0 is mid-warmup
+    cb = FisherMaskCallback(sparsity=0.8, warmup_steps=6 if resumable else 4, mask_epoch=2 if resumable else 1,
+                            keep_fisher=True, fisher_estimator=estimator, selection=selection)  # fmt: skip
+    tag = f"{mode}{epoch if mode == 'resume' else ''}_{estimator}_{selection}"
+    callbacks = [cb, Record(cb, out, tag)]
+    if resumable:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_top_k=-1, every_n_epochs=1,
+                                         filename="{epoch}"))  # fmt: skip
     accelerator, precision = os.environ.get("FISH_ACCELERATOR", "cpu"), os.environ.get("FISH_PRECISION", "32-true")
-    trainer = pl.Trainer(accelerator=accelerator, devices=2, strategy=strategy, precision=precision, max_epochs=2,
-                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, limit_val_batches=0, callbacks=[cb, record])  # fmt: skip
-    trainer.fit(module, token_batches(n=64, batch=8))
+    trainer = pl.Trainer(accelerator=accelerator, devices=2, strategy=strategy, precision=precision,
+                         max_epochs=4 if resumable else 2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=resumable, limit_val_batches=0,
+                         callbacks=callbacks)  # fmt: skip
+    ckpt = os.path.join(out, "ckpt", f"epoch={epoch}.ckpt") if mode == "resume" else None
+    trainer.fit(module, token_batches(n=64, batch=8), ckpt_path=ckpt)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

@@ -14,12 +14,12 @@ import torch
 SCRIPT = Path(__file__).with_name("fsdp_script.py")
 
 
-def launch(out: Path, mode: str, estimator: str, selection: str, port: int) -> list[dict]:
+def launch(out: Path, mode: str, estimator: str, selection: str, port: int, epoch: str = "") -> list[dict]:
     env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(port))
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), mode, estimator, selection], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    args = [sys.executable, str(SCRIPT), str(out), mode, estimator, selection, *([epoch] if epoch else [])]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(out / f"{mode}_{estimator}_{selection}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return [torch.load(out / f"{mode}{epoch}_{estimator}_{selection}_rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 @pytest.mark.parametrize(("estimator", "selection"), [("per_example", "fisher"), ("batch_grad", "random")])
@@ -44,6 +44,21 @@ def test_fsdp2_masks_equal_ddp_and_frozen_entries_stay(tmp_path, estimator, sele
         before, after = r0["at_freeze"][n], r0["final"][n]
         assert torch.equal(after[~m], before[~m]), n  # AdamW(weight_decay) did not move frozen entries
     assert any(not torch.equal(r0["final"][n][m], r0["at_freeze"][n][m]) for n, m in r0["masks"].items())
+
+
+def test_fsdp2_resume_mid_warmup_and_after_freeze_equals_uninterrupted(tmp_path):
+    # ModelParallelStrategy restores callback state after on_fit_start: the Fisher must still be restored
+    base = 29700 + (os.getpid() % 60) * 3
+    full = launch(tmp_path, "full", "per_example", "fisher", base)
+    for i, epoch in enumerate(("0", "2")):  # checkpoint of epoch 0: mid-warmup; of epoch 2: after the freeze
+        resumed = launch(tmp_path, "resume", "per_example", "fisher", base + 1 + i, epoch)
+        for a, b in zip(full, resumed):
+            assert b["verify"]["frozen_unchanged"] and b["kept"] == a["kept"]
+            for n in a["masks"]:
+                assert torch.equal(a["masks"][n], b["masks"][n]), (epoch, n)
+                assert torch.equal(a["final"][n], b["final"][n]), (epoch, n)
+                if epoch == "0":
+                    assert torch.equal(a["fisher"][n], b["fisher"][n]), n
 
 
 @pytest.mark.parametrize("name", ["DeepSpeedStrategy", "FSDPStrategy"])

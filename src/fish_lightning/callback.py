@@ -199,6 +199,7 @@ class FisherMaskCallback(Callback):
         self._skipped_nonfinite = 0
         self._frozen_at_step: int | None = None
         self._params: dict[str, torch.nn.Parameter] = {}
+        self._fit_started = False  # on_fit_start ran and teardown did not yet
         self._guards: list[FrozenEntryGuard] = []
         self._restored: dict[str, Any] | None = None
         self._per_example: PerExampleSquaredGrads | None = None  # warmup hooks while attached
@@ -269,35 +270,49 @@ class FisherMaskCallback(Callback):
             self.candidates = find_candidates(pl_module, self.include, self.exclude)
         self._params = {n: named[n] for n in self.candidates}
         self._check_sharding(trainer)
+        if self.masks is None and self._accumulates_warmup:
+            self.fisher = zeros_like_params(self._params)
+        if self.rewind_frozen and self.masks is None:
+            self._init_state = {n: local(p).detach().to(p.device, copy=True) for n, p in self._params.items()}
+        self._fit_started = True
         restored, self._restored = self._restored, None
-        if restored is not None and restored.get("masks") is not None:
+        if restored is not None:
+            self._apply_restored(trainer, restored)
+        rank_zero_info(
+            f"FISH: {len(self.candidates)} candidate tensors, {self.num_candidates:,} entries; "
+            f"keeping {num_kept(self.num_candidates, self.sparsity):,} (sparsity {self.sparsity:g}, "
+            f"{self.selection}, {self.scope})"
+        )
+
+    def _apply_restored(self, trainer: pl.Trainer, restored: dict[str, Any]) -> None:
+        """Checkpointed state onto this fit's candidates: from ``on_fit_start``, or from ``load_state_dict`` when
+        the strategy restores callbacks after setup (``ModelParallelStrategy``/FSDP2 does, after ``on_fit_start``)."""
+        saved = restored.get("candidates")
+        if saved is not None and list(saved) != list(self.candidates or []):
+            raise ValueError(
+                f"checkpointed FISH candidates ({len(saved)} tensors) differ from this model's "
+                f"({len(self.candidates or [])}): resume with the same model, peft config and include/exclude"
+            )
+        if restored.get("masks") is not None:
             self.masks = {
                 n: self._local_part(unpack_mask(packed, self._params[n].shape), n).to(self._params[n].device)
                 for n, packed in restored["masks"].items()
             }
             self._kept_counts = {n: int(unpack_mask(packed, (self._params[n].numel(),)).sum())
                                  for n, packed in restored["masks"].items()}  # fmt: skip
-        elif restored is not None and restored.get("fisher") is not None:
+            self.fisher, self._init_state = None, None
+        elif restored.get("fisher") is not None:
             self.fisher = {n: self._local_part(t, n).to(self._params[n].device) for n, t in restored["fisher"].items()}
-        elif self.masks is None and self._accumulates_warmup:
-            self.fisher = zeros_like_params(self._params)
-        if restored is not None:
-            self.fisher_estimator = restored.get("fisher_estimator", self.fisher_estimator)
-        if self.rewind_frozen and self.masks is None:
-            saved = (restored or {}).get("init_state")
+        self.fisher_estimator = restored.get("fisher_estimator", self.fisher_estimator)
+        if self._init_state is not None and restored.get("init_state") is not None:
+            init = restored["init_state"]
             self._init_state = {
-                n: (self._local_part(saved[n], n) if saved is not None else local(p).detach()).to(p.device, copy=True)
-                for n, p in self._params.items()
+                n: self._local_part(init[n], n).to(p.device, copy=True) for n, p in self._params.items()
             }
-        if restored is not None and restored.get("refisher") is not None:
+        if restored.get("refisher") is not None:
             self._refisher = {n: t.to(self._params[n].device) for n, t in restored["refisher"].items()}
         if self.frozen and self.sparse_optimizer_state:
             self._compact_optimizers(trainer)  # before Lightning loads the (compact) optimizer state
-        rank_zero_info(
-            f"FISH: {len(self.candidates)} candidate tensors, {self.num_candidates:,} entries; "
-            f"keeping {num_kept(self.num_candidates, self.sparsity):,} (sparsity {self.sparsity:g}, "
-            f"{self.selection}, {self.scope})"
-        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.frozen:
@@ -653,6 +668,7 @@ class FisherMaskCallback(Callback):
         rank_zero_warn(msg)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._fit_started = False
         self._remove_guards()
         for c in self._compact:
             c.remove()
@@ -735,7 +751,10 @@ class FisherMaskCallback(Callback):
         self._digests = digests
         self._steps_since_select = int(state_dict.get("steps_since_select", 0))
         self.reselections = int(state_dict.get("reselections", 0))
-        self._restored = state_dict
+        if self._fit_started and self._trainer is not None:  # restored after on_fit_start (FSDP2, DeepSpeed)
+            self._apply_restored(self._trainer, state_dict)
+        else:
+            self._restored = state_dict
 
 
 def _inverse_loss_scale(trainer: pl.Trainer, optimizer: Optimizer) -> float:
