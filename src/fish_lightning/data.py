@@ -207,6 +207,9 @@ class TextClassificationData(pl.LightningDataModule):
         subsample_seed: seed of those subsamples (``None``: ``seed``, which also shuffles batches);
             fix it to compare training seeds on the same examples.
         cache_dir: where tokenised splits are cached (``None`` = no cache).
+        group_by_length: draw training batches of similar lengths (``transformers``' ``LengthGroupedSampler``:
+            random mega-batches of ~50 batches, sorted by length inside), so less padding is computed;
+            ``False``: plain shuffling. Under DDP Lightning replaces the sampler with a distributed one.
     """
 
     def __init__(
@@ -224,6 +227,7 @@ class TextClassificationData(pl.LightningDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         subsample_seed: int | None = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.spec = get_task(task)
@@ -240,6 +244,9 @@ class TextClassificationData(pl.LightningDataModule):
         self.train_samples, self.val_samples, self.seed = train_samples, val_samples, seed
         self.cache_dir, self.num_workers = cache_dir, num_workers
         self.subsample_seed = seed if subsample_seed is None else subsample_seed
+        if not isinstance(group_by_length, bool):
+            raise DataError(f"group_by_length={group_by_length!r} must be true or false")
+        self.group_by_length = group_by_length
         self.splits: dict[str, list[dict[str, Any]]] = {}
         if path is not None and self.spec.name != "tweets":
             for split in ("train", "dev"):  # fail fast on a bad path or columns, before any training
@@ -303,7 +310,15 @@ class TextClassificationData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True, generator=gen,
+        train = self.splits["train"]
+        if self.group_by_length:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            lengths = [int(x["input_ids"].shape[0]) for x in train]
+            sampler = LengthGroupedSampler(self.batch_size, lengths=lengths, generator=gen)
+            return DataLoader(train, batch_size=self.batch_size, sampler=sampler, collate_fn=pad_collate,
+                              num_workers=self.num_workers)  # fmt: skip
+        return DataLoader(train, batch_size=self.batch_size, shuffle=True, generator=gen,
                           collate_fn=pad_collate, num_workers=self.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
