@@ -18,11 +18,15 @@ from fish_lightning.modeling import ADDED_TENSORS
 from fish_lightning.train import build_fish
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "fish_lightning" / "conf"
-HUB_MODELS = {"bert_base", "roberta_base"}  # need the network: composed and resolved, not loaded
+HUB_MODELS = {"bert_base", "roberta_base", "gpt2", "tinyllama"}  # need the network: composed and resolved, not loaded
 
 
 def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+# instruction data for causal LMs (fish_lightning.instruct): instantiated and run in tests/test_causal_lm.py
+INSTRUCTION_DATA = {o for o in options("data") if "InstructionData" in (CONF / "data" / f"{o}.yaml").read_text()}
 
 
 def composed(overrides, tmp_path):
@@ -51,15 +55,20 @@ def test_model_options_instantiate(opt, tmp_path):
         assert callable(get_method(cfg.model.net._target_)) and "/" in cfg.model.net.name_or_path
         return
     model = instantiate(cfg.model.net)
+    if cfg.model.get("kind") == "causal_lm":
+        assert model.get_output_embeddings() is not None  # an LM head, no classifier
+        return
     assert model.config.num_labels == cfg.data.num_labels
 
 
 @pytest.mark.parametrize("opt", options("peft"))
 def test_peft_options_instantiate(opt, tmp_path):
     cfg = composed(["model=tiny_bert", f"peft={opt}"], tmp_path)
+    if cfg.peft._target_.startswith("fish_lightning.decoders."):  # decoder peft configs: on a tiny GPT-2
+        cfg = composed(["model=tiny_gpt2", f"peft={opt}"], tmp_path)
     model = instantiate(cfg.peft)(instantiate(cfg.model.net))
     names = find_candidates(model)
-    pattern = ADDED_TENSORS[opt]
+    pattern = ADDED_TENSORS[cfg.peft.method]
     if pattern is None:  # full fine-tuning: every weight
         assert any("encoder" in n for n in names)
     else:
@@ -76,7 +85,7 @@ def test_fish_options_instantiate(opt, tmp_path):
         assert isinstance(fish, FisherMaskCallback) and fish.selection == opt
 
 
-@pytest.mark.parametrize("opt", options("data"))
+@pytest.mark.parametrize("opt", sorted(set(options("data")) - INSTRUCTION_DATA))
 def test_data_options_instantiate(opt, tmp_path, glue_dir):
     cfg = composed(["model=tiny_bert", f"data={opt}", f"data.path={glue_dir}" if opt != "tweets" else "data.path=null",
                     "data.train_samples=8", "data.val_samples=4"], tmp_path)  # fmt: skip

@@ -82,17 +82,23 @@ class SequenceClassifier(pl.LightningModule):
             self.log(f"val/{name}", metric, prog_bar=True, batch_size=labels.shape[0])
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.warmup_ratio is None:
-            return opt
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = int(self.warmup_ratio * total)
+        return adamw_linear_warmup(self, self.lr, self.weight_decay, self.warmup_ratio)
 
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / (warm + 1)
-            return max(0.0, (total - step) / max(1, total - warm))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+def adamw_linear_warmup(module: pl.LightningModule, lr: float, weight_decay: float, warmup_ratio: float | None) -> Any:
+    """AdamW over ``module``'s trainable parameters; with ``warmup_ratio``, a per-step schedule: linear
+    warmup over that fraction of the run's optimizer steps, then linear decay to 0 (``None``: constant LR)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if warmup_ratio is None:
+        return opt
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    warm = int(warmup_ratio * total)
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

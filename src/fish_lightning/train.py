@@ -26,7 +26,9 @@ from fish_lightning.adapter_init import seeded_init_
 from fish_lightning.budget import count_candidates, match_kept, sparsity_for_kept
 from fish_lightning.callback import FisherMaskCallback
 from fish_lightning.candidates import find_candidates
+from fish_lightning.causal_lm import CausalLM
 from fish_lightning.export import save_sparse
+from fish_lightning.instruct import InstructionData
 from fish_lightning.modeling import count_trainable
 from fish_lightning.module import SequenceClassifier
 from fish_lightning.selection import density_report
@@ -39,6 +41,28 @@ SEEDED_INIT = ("lora", "dora", "rslora")
 
 class ConfigError(ValueError):
     """A configuration value that cannot work (message names it and what would be valid)."""
+
+
+def is_causal_lm(cfg: DictConfig) -> bool:
+    """Whether ``cfg.model`` is a decoder (``kind: causal_lm``) rather than a sequence classifier."""
+    return cfg.model.get("kind", "classifier") == "causal_lm"
+
+
+def _check_causal_pairing(cfg: DictConfig, data: Any) -> None:
+    """A causal LM needs instruction data and a decoder peft config; a classifier the opposite."""
+    causal, model = is_causal_lm(cfg), cfg.model.get("name")
+    if causal and not isinstance(data, InstructionData):
+        raise ConfigError(f"model={model} is a causal LM but data={cfg.data.task} is classification data: "
+                          "use data=sst2_instruct, instruct_jsonl or alpaca")  # fmt: skip
+    if not causal and isinstance(data, InstructionData):
+        raise ConfigError(f"data={cfg.data.task} is instruction data for causal LMs but model={model} is a "
+                          "classifier: use model=tiny_gpt2, tiny_llama, gpt2 or tinyllama")  # fmt: skip
+    decoder_peft = str(cfg.peft.get("_target_", "")).startswith("fish_lightning.decoders.")
+    if causal and not decoder_peft and cfg.peft.get("method") != "none":
+        raise ConfigError(f"model={model} is a causal LM: use peft=lora_decoder (LoRA on every projection) or "
+                          f"peft=none, not peft method {cfg.peft.get('method')!r} set up for classifiers")  # fmt: skip
+    if not causal and decoder_peft:
+        raise ConfigError(f"peft=lora_decoder is for causal LMs; model={model} is a classifier: use peft=lora")
 
 
 def fish_enabled(cfg: DictConfig) -> bool:
@@ -137,11 +161,15 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                               if k != "_target_"})  # fmt: skip
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = instantiate(cfg.data)
+    _check_causal_pairing(cfg, data)
     model = instantiate(cfg.peft)(instantiate(cfg.model.net))
     if cfg.peft.method in SEEDED_INIT:  # adapter init from per-tensor seeds: reproducible, exportable sparsely
         seeded_init_(model, cfg.seed)
     fish, budget_info = build_fish(cfg, model)
-    module = SequenceClassifier(model, num_labels=data.num_labels, metrics=data.metrics, **cfg.optim)
+    if is_causal_lm(cfg):
+        module: pl.LightningModule = CausalLM(model, **cfg.optim)
+    else:
+        module = SequenceClassifier(model, num_labels=data.num_labels, metrics=data.metrics, **cfg.optim)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     callbacks = [fish] if fish is not None else []
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -149,7 +177,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     dense_trainable = count_trainable(model)
-    record: dict[str, Any] = {"metrics": metrics, "primary_metric": f"val/{data.metrics[0]}", **budget_info}
+    mode = getattr(data, "primary_metric_mode", "max")  # "min" for losses (causal LMs)
+    record: dict[str, Any] = {"metrics": metrics, "primary_metric": f"val/{data.metrics[0]}",
+                              "primary_metric_mode": mode, **budget_info}  # fmt: skip
     if fish is not None and fish.masks is not None:
         non_candidates = dense_trainable - fish.num_candidates
         record.update(candidates=fish.num_candidates, kept=fish.num_kept,

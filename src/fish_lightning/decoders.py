@@ -1,0 +1,117 @@
+"""Causal language models (decoders) for FISH: build a Hugging Face ``AutoModelForCausalLM`` and add
+LoRA to every linear projection of its blocks (attention and MLP).
+
+Pure torch + transformers + peft; no Lightning import. Model sources: a local directory or hub id
+(``from_pretrained``), or a small random config built in code (tests, offline smoke runs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fish_lightning.modeling import apply_peft
+
+#: ``config.model_type`` -> names (suffixes) of the linear projections of each block: attention and
+#: MLP, never the embeddings or the LM head. GPT-2's are ``transformers`` ``Conv1D`` layers (weight
+#: stored ``[in, out]``), for which peft needs ``fan_in_fan_out=True`` (set by :func:`apply_decoder_peft`).
+DECODER_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # attn: c_attn (qkv), attn.c_proj; mlp: c_fc, mlp.c_proj
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+#: peft methods :func:`apply_decoder_peft` accepts (the LoRA family, and ``none`` = full fine-tuning).
+DECODER_PEFT_METHODS = ("lora", "dora", "rslora", "pissa", "none")
+
+#: :func:`apply_decoder_peft`'s ``target_modules`` value meaning "every projection of this architecture".
+PROJECTIONS = "projections"
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_causal_lm(
+    name_or_path: str | None = None,
+    tiny_config: dict[str, Any] | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+) -> nn.Module:
+    """An ``AutoModelForCausalLM``: pretrained from ``name_or_path`` (hub id or local directory), or
+    randomly initialised (seeded) from ``tiny_config`` = ``{"model_type": "gpt2" | "llama" | ...,
+    **config fields}`` when given. ``dtype``: ``None`` (the checkpoint's/fp32) or one of :data:`DTYPES`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not valid: expected null or one of {DTYPES}")
+    torch_dtype = getattr(torch, dtype) if dtype is not None else None
+    if tiny_config is not None:
+        fields = dict(tiny_config)
+        model_type = fields.pop("model_type", None)
+        if not model_type:
+            raise ValueError(f"tiny_config needs a model_type (e.g. 'gpt2', 'llama'); got keys {sorted(tiny_config)}")
+        config = AutoConfig.for_model(model_type, **fields)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        return model.to(torch_dtype) if torch_dtype is not None else model
+    if not name_or_path:
+        raise ValueError("build_causal_lm needs name_or_path (hub id or directory) or tiny_config")
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def decoder_projections(model: nn.Module) -> list[str]:
+    """The :data:`DECODER_PROJECTIONS` of ``model``'s architecture (``config.model_type``)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DECODER_PROJECTIONS:
+        raise ValueError(
+            f"no known projection names for model_type={model_type!r} (known: {sorted(DECODER_PROJECTIONS)}): "
+            "set target_modules to a list of module names, or to 'all-linear' (peft's every-linear-layer rule)"
+        )
+    return list(DECODER_PROJECTIONS[model_type])
+
+
+def apply_decoder_peft(
+    model: nn.Module, method: str = "lora", target_modules: str | list[str] = PROJECTIONS, **config: Any
+) -> nn.Module:
+    """Wrap a causal LM with a LoRA-family method (``peft.LoraConfig``, ``task_type="CAUSAL_LM"``).
+
+    Args:
+        model: an ``AutoModelForCausalLM``.
+        method: one of :data:`DECODER_PEFT_METHODS` (``"none"``: unchanged, full fine-tuning).
+        target_modules: ``"projections"`` (default: :data:`DECODER_PROJECTIONS` of the architecture,
+            i.e. every attention and MLP projection), ``"all-linear"`` (peft's rule: every linear
+            layer but the LM head), or a list of module names.
+        config: further ``LoraConfig`` fields (``r``, ``lora_alpha``, ``lora_dropout``, ...).
+
+    ``fan_in_fan_out`` defaults to ``True`` when every targeted layer is a ``transformers`` ``Conv1D``
+    (GPT-2), whose weight is stored ``[in, out]``.
+    """
+    if method not in DECODER_PEFT_METHODS:
+        raise ValueError(f"peft method {method!r} is not supported on decoders: expected one of {DECODER_PEFT_METHODS}")
+    if method == "none":
+        return apply_peft(model, "none", **config)
+    if target_modules == PROJECTIONS:
+        target_modules = decoder_projections(model)
+    elif not isinstance(target_modules, str):
+        target_modules = [str(t) for t in target_modules]  # also an OmegaConf ListConfig
+    config.setdefault("task_type", "CAUSAL_LM")
+    if config["task_type"] != "CAUSAL_LM":
+        raise ValueError(f"task_type={config['task_type']!r} is not valid for a decoder: expected 'CAUSAL_LM'")
+    if "fan_in_fan_out" not in config and _targets_only_conv1d(model, target_modules):
+        config["fan_in_fan_out"] = True
+    return apply_peft(model, method, target_modules=target_modules, **config)
+
+
+def _targets_only_conv1d(model: nn.Module, target_modules: str | list[str]) -> bool:
+    """Whether every layer ``target_modules`` selects is a ``transformers`` ``Conv1D``."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(target_modules, str):  # "all-linear": every linear layer except the LM head
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        hits = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head]
+    else:
+        hits = [m for n, m in model.named_modules() if n.split(".")[-1] in target_modules]
+    return bool(hits) and all(isinstance(m, Conv1D) for m in hits)
