@@ -1,4 +1,5 @@
-"""select_masks_sharded == select_masks on the gathered scores, with ranks simulated by threads."""
+"""select_masks (bisection, no concatenation) and select_masks_sharded (ranks simulated by threads) keep
+exactly the entries topk_mask keeps on the concatenated scores."""
 
 import threading
 import warnings
@@ -6,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from fish_lightning.selection import TieWarning, select_masks, select_masks_sharded
+from fish_lightning.selection import TieWarning, num_kept, select_masks, select_masks_sharded, topk_mask
 
 
 class ThreadGroup:
@@ -71,6 +72,20 @@ def run_sharded(full: dict[str, torch.Tensor], world: int, sparsity: float, scop
     return stitched, [w.category for w in caught], group.calls
 
 
+def reference(scores: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+    """The oracle: topk_mask (kthvalue + lowest-index ties) on the concatenation, or per tensor."""
+    if scope == "per_tensor":
+        return {n: topk_mask(t.reshape(-1).float(), num_kept(t.numel(), sparsity))[0].view(t.shape)
+                for n, t in scores.items()}  # fmt: skip
+    flat = torch.cat([t.reshape(-1).float() for t in scores.values()])
+    mask, _ = topk_mask(flat, num_kept(flat.numel(), sparsity))
+    out, offset = {}, 0
+    for n, t in scores.items():
+        out[n] = mask[offset : offset + t.numel()].view(t.shape)
+        offset += t.numel()
+    return out
+
+
 def scores_with_ties(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
@@ -86,21 +101,21 @@ def scores_with_ties(seed: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.75, 0.97])
 def test_sharded_selection_equals_gathered(scope, world, sparsity):
     full = scores_with_ties(world)
+    expected = reference(full, sparsity, scope)
+    got, _, _ = run_sharded(full, world, sparsity, scope)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TieWarning)
-        expected = select_masks(full, sparsity, scope)
-    got, _, _ = run_sharded(full, world, sparsity, scope)
+        single = select_masks(full, sparsity, scope)
     for n in full:
         assert torch.equal(got[n], expected[n]), (n, got[n], expected[n])
+        assert torch.equal(single[n], expected[n]), n
     if scope == "global":
         assert sum(int(m.sum()) for m in got.values()) == round((1 - sparsity) * sum(t.numel() for t in full.values()))
 
 
 def test_sharded_selection_negative_zero_ties_with_zero_and_replicated_tensors():
     full = {"x": torch.tensor([[0.0, -0.0], [1.0, -0.0], [0.0, 2.0]]), "head": torch.tensor([0.0, 3.0, -0.0])}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TieWarning)
-        expected = select_masks(full, 0.5, "global")
+    expected = reference(full, 0.5, "global")
     got, _, _ = run_sharded(full, 2, 0.5, "global", replicated={"head"})
     for n in full:
         assert torch.equal(got[n], expected[n]), n
@@ -117,3 +132,23 @@ def test_sharded_selection_rejects_nan_on_every_rank():
     full = {"x": torch.tensor([[1.0, float("nan")], [0.5, 0.2]])}
     with pytest.raises(ValueError, match="NaN"):
         run_sharded(full, 2, 0.5, "global")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_masks_matches_topk_on_wide_ranges_infinities_and_half_precision(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = {
+        "tiny": torch.rand(9, 7, generator=g) * 1e-30,  # subnormal-adjacent magnitudes
+        "big": torch.randn(13, generator=g) * 1e30,
+        "inf": torch.tensor([float("inf"), -float("inf"), 0.0, 5.0]),
+        "half": (torch.randn(4, 6, generator=g) * 3).half(),  # ties after rounding to fp16
+        "rep": torch.randint(0, 3, (20,), generator=g).float(),
+    }
+    for sparsity in (0.1, 0.5, 0.9):
+        for scope in ("global", "per_tensor"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TieWarning)
+                got = select_masks(scores, sparsity, scope)
+            expected = reference(scores, sparsity, scope)
+            for n in scores:
+                assert torch.equal(got[n], expected[n]), (seed, sparsity, scope, n)

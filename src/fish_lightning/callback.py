@@ -326,8 +326,8 @@ class FisherMaskCallback(Callback):
             hooks = PerExampleSquaredGrads(pl_module, self._params)
             if hooks.uncovered:
                 self._fall_back_to_batch_grad(f"no per-example rule for {hooks.uncovered[:3]}")
-            else:
-                self._per_example = hooks.attach()
+            else:  # squares straight into the Fisher (one fp32 buffer); sharded: whole-shaped step sums
+                self._per_example = hooks.attach(into=None if self._sharded else self.fisher)
         if self.mask_epoch is not None and self.warmup_steps > 0:
             accumulate = max(1, trainer.accumulate_grad_batches)
             per_epoch = trainer.num_training_batches / accumulate
@@ -352,9 +352,11 @@ class FisherMaskCallback(Callback):
             "(squared mini-batch gradients) for all candidates. Calibration (calibration_samples) stays exact."
         )
         self.fisher_estimator = "batch_grad"
+        direct = self._per_example is not None and self._per_example.direct  # this step's squares are in
         self._detach_per_example()
-        if self.fisher is not None and self._warmup_done:  # do not mix the two estimators' scales
-            rank_zero_warn(f"FISH: restarting the Fisher; the {self._warmup_done} steps so far stay dense warmup")
+        if self.fisher is not None and (self._warmup_done or direct):  # do not mix the two estimators' scales
+            if self._warmup_done:
+                rank_zero_warn(f"FISH: restarting the Fisher; the {self._warmup_done} steps so far stay dense warmup")
             for f in self.fisher.values():
                 f.zero_()
 
@@ -415,21 +417,31 @@ class FisherMaskCallback(Callback):
             hooks = None
         bad = nonfinite_grads(self._params)
         if bad:
+            restart = hooks is not None and hooks.direct  # this step's squares are in the Fisher already
+            if restart:
+                for f in self.fisher.values():  # type: ignore[union-attr]
+                    f.zero_()
             if hooks is not None:
                 hooks.reset()
             self._skipped_nonfinite += 1
-            if getattr(trainer.precision_plugin, "scaler", None) is None:
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if scaler is None or (restart and self._warmup_done):  # (fp16 AMP skips overflowing steps routinely)
                 name, value = next(iter(bad.items()))
+                what = (f"the per-example Fisher restarts after {self._warmup_done} warmup steps (so does the count)"
+                        if restart else "this step is left out of the Fisher")  # fmt: skip
                 rank_zero_warn(
                     f"FISH warmup: non-finite gradient {value} in {name!r} ({len(bad)} tensors affected) "
-                    f"at global step {trainer.global_step}; this step is left out of the Fisher"
+                    f"at global step {trainer.global_step}; {what}"
                 )
+            if restart:
+                self._warmup_done = 0
             return
         if hooks is not None:
-            for n, acc in hooks.sums.items():  # (in the candidates' order: collectives match across ranks)
-                if n in self._sharded:  # whole-shaped sums of this rank's examples -> mean over ranks, own rows
-                    acc = reduce_scatter_sum(acc, self._params[n]).div_(trainer.world_size)
-                self.fisher[n].add_(acc)  # type: ignore[index]
+            if not hooks.direct:  # (in the candidates' order: the collectives match across ranks)
+                for n, acc in hooks.sums.items():
+                    if n in self._sharded:  # whole-shaped sums of this rank's examples -> rank mean, own rows
+                        acc = reduce_scatter_sum(acc, self._params[n]).div_(trainer.world_size)
+                    self.fisher[n].add_(acc)  # type: ignore[index]
             hooks.reset()
         elif self._accumulates_warmup:
             accumulate_squared_grads(self.fisher, self._params, _inverse_loss_scale(trainer, optimizer))  # type: ignore[arg-type]

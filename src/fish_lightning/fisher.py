@@ -186,6 +186,7 @@ class PerExampleSquaredGrads:
         self.uncovered = [n for n in params if n not in covered]
         self.missed: set[str] = set()  # covered, but a call's gradient was not per-example (see _on_forward)
         self.sums: dict[str, Tensor] = {}
+        self.direct = False  # sums are the caller's accumulators (attach(into=...)): reset() keeps them
         self._params = {n: p for n, p in params.items() if n in covered}  # params' order: same on every rank
         self._handles: list[Any] = []
         self._calls: dict[str, int] = {}  # per parameter name: module calls in this forward (tied weights)
@@ -199,9 +200,14 @@ class PerExampleSquaredGrads:
         return list(self._params)
 
     # ------------------------------------------------------------------ lifecycle
-    def attach(self) -> PerExampleSquaredGrads:
-        """Register the hooks (idempotent) and make fp32 zero sums for the covered parameters."""
-        if not self.sums:  # whole-shaped, also for sharded parameters (modules run on gathered weights)
+    def attach(self, into: Mapping[str, Tensor] | None = None) -> PerExampleSquaredGrads:
+        """Register the hooks (idempotent). The squares go into ``into`` (the caller's fp32 accumulators,
+        shaped like the parameters: no second buffer) or, without it, into fp32 zero sums made here
+        (whole-shaped, also for sharded parameters: the modules run on gathered weights) that
+        :meth:`reset` clears."""
+        if into is not None:
+            self.sums, self.direct = {n: into[n] for n in self._params}, True
+        elif not self.sums:
             self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self._params.items()}
         if not self._handles:
             for module, _ in self._rules:
@@ -231,8 +237,10 @@ class PerExampleSquaredGrads:
                 and bool(local(g).detach().ne(0).any())]  # fmt: skip
 
     def reset(self) -> None:
-        for s in self.sums.values():
-            s.zero_()
+        """Start a new step: clear own sums (not the caller's accumulators) and the names seen."""
+        if not self.direct:
+            for s in self.sums.values():
+                s.zero_()
         self._seen = set()
 
     # ------------------------------------------------------------------ hooks

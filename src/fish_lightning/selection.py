@@ -8,6 +8,7 @@ zero-initialised B, all of A scores 0), so selection here always counts entries 
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -72,6 +73,11 @@ def select_masks(
 ) -> dict[str, Tensor]:
     """Keep exactly ``num_kept(n, sparsity)`` entries, globally or per tensor.
 
+    The same entries as :func:`topk_mask` on the concatenated scores (ties at the cut go to the lowest
+    flat index, in the mapping's order), found without concatenating or sorting: a bisection for the
+    k-th value counts entries above a threshold tensor by tensor (see :func:`select_masks_sharded`),
+    so the only memory beyond the scores is the masks (1 B/entry) and one tensor's temporaries.
+
     Args:
         scores: name -> score tensor (any shape); higher is kept first.
         sparsity: fraction of entries frozen, in [0, 1).
@@ -82,38 +88,19 @@ def select_masks(
     Returns:
         name -> bool mask with the tensor's shape (on the scores' device).
     """
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} is not valid: expected one of {SCOPES}")
-    if not scores:
-        raise ValueError("no score tensors to select from")
-    names = list(scores)
-    masks: dict[str, Tensor] = {}
-    if scope == "global":
-        flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
-        k = num_kept(flat.numel(), sparsity)
-        mask, n_tied = topk_mask(flat, k)
-        if n_tied and warn_ties:
-            _warn_ties(n_tied, flat.numel(), k, "all candidates")
-        offset = 0
-        for n in names:
-            numel = scores[n].numel()
-            masks[n] = mask[offset : offset + numel].view(scores[n].shape).clone()
-            offset += numel
-    else:
-        for n in names:
-            s = scores[n].detach().float()
-            k = num_kept(s.numel(), sparsity)
-            m, n_tied = topk_mask(s.reshape(-1), k)
-            if n_tied and warn_ties:
-                _warn_ties(n_tied, s.numel(), k, n)
-            masks[n] = m.view(s.shape)
-    return masks
+    return select_masks_sharded(
+        scores, {n: t.numel() for n, t in scores.items()}, dict.fromkeys(scores, 0), sparsity,
+        lambda t: t, rank=0, world_size=1, scope=scope, warn_ties=warn_ties,
+    )  # fmt: skip
 
 
-def _order_keys(scores: Tensor) -> Tensor:
-    """int64 keys with the order of the float32 ``scores`` (-0.0 counted as +0.0, as ``==`` does)."""
-    bits = (scores.detach().reshape(-1).float() + 0.0).view(torch.int32).to(torch.int64)
-    return torch.where(bits >= 0, bits, -1 - (bits & 0x7FFFFFFF))
+_NEG_INF_KEY = -1 - 0x7F800000  # order key of -inf; +inf's is 0x7F800000 (NaN patterns lie outside)
+
+
+def _threshold(key: int) -> float:
+    """The float32 value with order key ``key`` (keys: float32 bits, negatives mirrored so order is kept)."""
+    bits = key if key >= 0 else (-1 - key) | 0x80000000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 def select_masks_sharded(
@@ -128,11 +115,14 @@ def select_masks_sharded(
     warn_ties: bool = True,
 ) -> dict[str, Tensor]:
     """:func:`select_masks` over tensors whose entries are split across ranks (FSDP shards): exactly
-    ``k`` kept entries in total, and the same entries :func:`select_masks` keeps on the gathered scores.
+    ``k`` kept entries in total, the same entries :func:`select_masks` keeps on the gathered scores.
 
-    Every rank calls this with its own local slices; the k-th value is found by a bisection over
-    order-preserving integer keys (~33 all-reduces of one count per selection group), and ties at
-    the cut go to the lowest global flat index (in ``scores``' order), as in :func:`topk_mask`.
+    Every rank calls this with its own local slices. The k-th largest value is found by a bisection over
+    the ordered float32 values (34 rounds; each counts ``score >= threshold`` tensor by tensor and does one
+    all-reduce of a per-group count), then one all-reduce of a ``[2, world, tensors]`` table of tie counts
+    and offsets gives each rank its share of the entries equal to the k-th value, lowest global flat index
+    first (in ``scores``' order), as :func:`topk_mask` breaks ties. Scores are compared as float32 (fp16/
+    bf16 are widened exactly); ``-0.0`` equals ``0.0``.
 
     Args:
         scores: name -> this rank's scores, the flat range ``[offsets[n], offsets[n] + numel)`` of the
@@ -153,61 +143,64 @@ def select_masks_sharded(
         raise ValueError(f"rank={rank} is out of range for world_size={world_size}")
     names = list(scores)
     device = next(iter(scores.values())).device
-    keys = {n: _order_keys(scores[n]) for n in names}
+    flat = {n: scores[n].detach().reshape(-1) for n in names}
+    flat = {n: f if f.dtype == torch.float32 else f.float() for n, f in flat.items()}
     groups = [names] if scope == "global" else [[n] for n in names]
     group_of = {n: g for g, members in enumerate(groups) for n in members}
     n_groups = len(groups)
-    ks = torch.tensor([num_kept(sum(numels[n] for n in m), sparsity) for m in groups], dtype=torch.int64)
-    nan = torch.tensor([sum(int(torch.isnan(scores[n]).sum()) for n in names)], dtype=torch.int64, device=device)
+    sizes = [sum(numels[n] for n in members) for members in groups]
+    ks = torch.tensor([num_kept(size, sparsity) for size in sizes], dtype=torch.int64)
+    nan = torch.tensor([sum(int(torch.isnan(flat[n]).sum()) for n in names)], dtype=torch.int64, device=device)
     if int(all_reduce_sum(nan)[0]):
         raise ValueError("scores contain NaN; cannot rank entries (check for NaN gradients)")
 
-    def counts(threshold: Tensor, strict: bool) -> Tensor:
+    def counts(thresholds: list[float], strict: bool) -> Tensor:
         c = torch.zeros(n_groups, dtype=torch.int64, device=device)
         for n in names:
             g = group_of[n]
-            c[g] += int((keys[n] > threshold[g]).sum() if strict else (keys[n] >= threshold[g]).sum())
+            t = torch.tensor(thresholds[g], dtype=torch.float32, device=device)
+            c[g] += (flat[n] > t).sum() if strict else (flat[n] >= t).sum()
         return all_reduce_sum(c).cpu()
 
-    # largest key t with count(key >= t) >= k, per group (k = 0 or all: decided without a search)
-    lo = torch.full((n_groups,), -(2**31), dtype=torch.int64)
-    hi = torch.full((n_groups,), 2**31 - 1, dtype=torch.int64)
-    for _ in range(33):  # the int32 key range halves each time: 32 rounds close it
-        mid = (lo + hi + 1) // 2
-        enough = counts(mid.to(device), strict=False) >= ks
-        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid - 1)
-    kth = lo.to(device)
-    need = ks - counts(kth, strict=True)  # slots left for entries equal to the k-th value
+    # per group, the largest key t with count(score >= value(t)) >= k, within [-inf, +inf]
+    lo = [_NEG_INF_KEY] * n_groups
+    hi = [0x7F800000] * n_groups
+    for _ in range(34):  # the key range holds < 2**33 values
+        mid = [(a + b + 1) // 2 for a, b in zip(lo, hi)]
+        enough = counts([_threshold(m) for m in mid], strict=False) >= ks
+        lo = [m if e else a for m, a, e in zip(mid, lo, enough.tolist())]
+        hi = [b if e else m - 1 for m, b, e in zip(mid, hi, enough.tolist())]
+    kth = [_threshold(t) for t in lo]
+    need = (ks - counts(kth, strict=True)).tolist()  # slots left for entries equal to the k-th value
     # ties in global flat order: (group order, tensor order, rank's offset) -> this rank's quota
-    tied_local = {n: (keys[n] == kth[group_of[n]]) for n in names}
     table = torch.zeros(2, world_size, len(names), dtype=torch.int64, device=device)
     for j, n in enumerate(names):
-        table[0, rank, j] = int(tied_local[n].sum())
+        table[0, rank, j] = (flat[n] == kth[group_of[n]]).sum()
         table[1, rank, j] = offsets[n]
     table = all_reduce_sum(table).cpu()
     quota: dict[str, int] = {}
     for g, members in enumerate(groups):
-        left = int(need[g])
-        total_tied = int(sum(int(table[0, :, names.index(n)].sum()) for n in members))
+        left, total_tied = need[g], 0
         for n in members:
             j = names.index(n)
+            total_tied += int(table[0, :, j].sum())
             for r in sorted(range(world_size), key=lambda r: (int(table[1, r, j]), r)):
                 take = min(left, int(table[0, r, j]))
                 if r == rank:
                     quota[n] = take
                 left -= take
-        n_all = sum(numels[n] for n in members)
-        if warn_ties and 0 < int(ks[g]) < n_all and total_tied > int(need[g]):
-            _warn_ties(total_tied, n_all, int(ks[g]), "all candidates" if scope == "global" else members[0])
+        if warn_ties and 0 < int(ks[g]) < sizes[g] and total_tied > need[g]:
+            _warn_ties(total_tied, sizes[g], int(ks[g]), "all candidates" if scope == "global" else members[0])
     masks = {}
     for n in names:
         g = group_of[n]
-        m = keys[n] > kth[g]
-        if quota.get(n, 0):
-            idx = tied_local[n].nonzero().squeeze(1)[: quota[n]]
-            m[idx] = True
         if int(ks[g]) == 0:
-            m.zero_()
+            masks[n] = torch.zeros(scores[n].shape, dtype=torch.bool, device=device)
+            continue
+        m = flat[n] > kth[g]
+        if quota.get(n, 0):
+            tied = flat[n] == kth[g]
+            m |= tied & (tied.cumsum(0) <= quota[n])
         masks[n] = m.view(scores[n].shape)
     return masks
 
@@ -230,7 +223,8 @@ def selection_scores(
 ) -> dict[str, Tensor]:
     """Per-entry scores for a selection rule (higher = kept).
 
-    ``"fisher"``: the Fisher; ``"reverse"``: minus the Fisher (keeps the lowest);
+    ``"fisher"``: the Fisher (the same tensors when fp32: do not modify them); ``"reverse"``: minus the
+    Fisher (a copy; keeps the lowest);
     ``"random"``: uniform noise from a CPU generator seeded with ``seed`` (same on every rank);
     ``"magnitude"``: ``|w|`` of the current parameter values.
     """
@@ -239,8 +233,9 @@ def selection_scores(
     if selection in ("fisher", "reverse"):
         if fisher is None:
             raise ValueError(f"selection={selection!r} needs a Fisher estimate, but none was accumulated")
-        sign = 1.0 if selection == "fisher" else -1.0
-        return {n: sign * fisher[n].float() for n in params}
+        if selection == "fisher":  # the accumulators themselves (no copy: the freeze's peak memory)
+            return {n: fisher[n] if fisher[n].dtype == torch.float32 else fisher[n].float() for n in params}
+        return {n: -fisher[n].float() for n in params}
     if selection == "magnitude":
         return {n: p.detach().abs().float() for n, p in params.items()}
     gen = torch.Generator(device="cpu").manual_seed(seed)
