@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 SUPPORTED_INITS = (True, False, "gaussian")
+#: peft methods whose adapters the apps (fish-train, fish-cli) initialise from per-tensor seeds
+SEEDED_METHODS = ("lora", "dora", "rslora")
 """``LoraConfig.init_lora_weights`` values :func:`seeded_init_` reproduces."""
 
 _SEED_ATTR = "_fish_init_seed"

@@ -20,13 +20,12 @@ from typing import Any
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from fish_lightning.adapter_init import seeded_init_
+from fish_lightning.adapter_init import SEEDED_METHODS, seeded_init_
 from fish_lightning.data import TextClassificationData
 from fish_lightning.modeling import apply_peft, build_sequence_classifier
 from fish_lightning.module import SequenceClassifier
 
-#: peft methods whose adapters get per-tensor seeded init (reproducible, exportable sparsely), as in ``fish-train``
-SEEDED_INIT = ("lora", "dora", "rslora")
+SEEDED_INIT = SEEDED_METHODS  # per-tensor seeded adapter init (reproducible, exportable sparsely), as fish-train
 
 
 class PeftSequenceClassifier(SequenceClassifier):

@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fish_lightning.adapter_init import seeded_init_
+from fish_lightning.adapter_init import SEEDED_METHODS, seeded_init_
 from fish_lightning.budget import count_candidates, match_kept, sparsity_for_kept
 from fish_lightning.callback import FisherMaskCallback
 from fish_lightning.candidates import find_candidates
@@ -36,7 +36,7 @@ from fish_lightning.selection import density_report
 log = logging.getLogger("fish_lightning")
 
 
-SEEDED_INIT = ("lora", "dora", "rslora")
+SEEDED_INIT = SEEDED_METHODS
 
 
 class ConfigError(ValueError):
