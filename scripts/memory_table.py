@@ -6,17 +6,20 @@ adds LoRA with peft (q/k/v/o/gate/up/down projections), takes FISH's default can
 candidate entry, what :class:`~fish_lightning.FisherMaskCallback` allocates (see
 ``callback.py``/``fisher.py``/``sparse_state.py``):
 
-* warmup: ``cb.fisher``, one fp32 accumulator per candidate; with ``fisher_estimator="per_example"``
-  (the default) the hooks' per-step sums, a second fp32 copy (the step's squares are added only
-  once the step's gradients are known to be finite);
+* warmup: ``cb.fisher``, one fp32 accumulator per candidate. With ``fisher_estimator="per_example"``
+  (the default) the hooks add each step's squares straight into it (``attach(into=cb.fisher)``: no
+  second buffer), except under FSDP2 sharding, where every rank also holds whole-shaped fp32 per-step
+  sums (reduce-scattered into its Fisher shard each step);
 * after the freeze: ``cb.masks``, one bool (1 byte) per candidate; checkpoints bit-pack them
   (``pack_mask``: ``ceil(numel / 8)`` bytes per tensor);
 * AdamW: ``exp_avg`` + ``exp_avg_sq`` in fp32 per trained entry (plus a 4-byte ``step`` per tensor);
   with ``sparse_optimizer_state=True`` only kept entries have state, plus their int64 indices and
   the compact fp32 copy of their values.
 
-``--measure-freeze`` also measures, on CPU, the peak RSS increase of the selection the callback runs
-at the freeze (``selection_scores`` + global ``select_masks``) on a random Fisher of these shapes.
+``--measure-freeze`` also measures, on CPU, the peak of the bytes torch allocates during the
+selection the callback runs at the freeze (``selection_scores`` + global ``select_masks``) on a random
+Fisher of these shapes: every allocation and free of torch's CPU allocator is recorded by
+``torch.profiler`` (``profile_memory=True``) and replayed in time order.
 
     python scripts/memory_table.py [--out docs/memory_7b.md] [--measure-freeze]
 """
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import resource
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 FP32, BOOL, INT64 = 4, 1, 8
 ADAM_STEP = 4  # AdamW's per-tensor ``step`` (a 0-dim fp32 tensor)
 MiB = 2**20
+TIE_TEMPS = BOOL + 2 * INT64  # selection's largest per-tensor temporaries: tied bools, int64 copy, running count
 
 
 def build_meta_lora_llama(config: dict, r: int = 16, targets: Sequence[str] = LLAMA_LINEAR) -> nn.Module:
@@ -70,27 +73,43 @@ def candidate_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {n: tuple(params[n].shape) for n in find_candidates(model)}
 
 
+def shard_entries(shape: tuple[int, ...], world_size: int) -> int:
+    """Entries of the largest FSDP2 shard (rank 0's: ``fully_shard`` splits dim 0 like ``torch.chunk``)."""
+    if not shape:
+        return 1
+    return math.ceil(shape[0] / world_size) * math.prod(shape[1:])
+
+
 @dataclass(frozen=True)
 class FishMemory:
     """Bytes FISH and AdamW hold for candidates of the given shapes (fp32 trainable parameters)."""
 
     tensors: int
     candidates: int  # n, entries
-    fisher_fp32: int  # cb.fisher
-    hook_sums_fp32: int  # PerExampleSquaredGrads.sums (fisher_estimator="per_example", warmup only)
+    largest: int  # entries of the largest candidate tensor (bounds the selection's per-tensor temporaries)
+    fisher_fp32: int  # cb.fisher (per_example hooks add into it directly, batch_grad too)
+    hook_sums_fp32: int  # PerExampleSquaredGrads' own whole-shaped per-step sums: FSDP2 sharding only, per rank
     mask_bool: int  # cb.masks after the freeze
     mask_packed: int  # bit-packed, as in checkpoints
     lora_fp32: int  # the LoRA weights themselves (for scale)
     adamw_dense: int  # exp_avg + exp_avg_sq over all candidates (no step counters)
     adamw_steps: int  # AdamW's step counters, one per tensor
     sparse: dict[float, dict[str, int]]  # sparsity -> kept, state, indices, values (sparse_optimizer_state)
+    fsdp2: dict[int, dict[str, int]]  # world size -> per-rank (largest shards) fisher, sums, warmup, adamw
 
     @property
     def warmup_per_example(self) -> int:
-        return self.fisher_fp32 + self.hook_sums_fp32
+        """Warmup, ``fisher_estimator="per_example"``, unsharded (one process, or per rank under DDP)."""
+        return self.fisher_fp32  # the hooks' squares go straight into cb.fisher
+
+    @property
+    def warmup_batch_grad(self) -> int:
+        return self.fisher_fp32
 
 
-def fish_memory(shapes: dict[str, tuple[int, ...]], sparsities: Sequence[float] = (0.9, 0.99)) -> FishMemory:
+def fish_memory(
+    shapes: dict[str, tuple[int, ...]], sparsities: Sequence[float] = (0.9, 0.99), world_sizes: Sequence[int] = (2, 8)
+) -> FishMemory:
     """Count the bytes (see the module doc) for candidate tensors of these shapes."""
     sizes = [math.prod(s) for s in shapes.values()]
     n = sum(sizes)
@@ -98,9 +117,15 @@ def fish_memory(shapes: dict[str, tuple[int, ...]], sparsities: Sequence[float] 
     for s in sparsities:
         k = num_kept(n, s)
         sparse[s] = {"kept": k, "state": 2 * FP32 * k, "indices": INT64 * k, "values": FP32 * k}
+    fsdp2 = {}
+    for w in world_sizes:
+        local = sum(shard_entries(s, w) for s in shapes.values())
+        fsdp2[w] = {"fisher": FP32 * local, "sums": FP32 * n, "warmup": FP32 * local + FP32 * n,
+                    "adamw": 2 * FP32 * local}  # fmt: skip
     return FishMemory(
         tensors=len(sizes),
         candidates=n,
+        largest=max(sizes),
         fisher_fp32=FP32 * n,
         hook_sums_fp32=FP32 * n,
         mask_bool=BOOL * n,
@@ -109,23 +134,59 @@ def fish_memory(shapes: dict[str, tuple[int, ...]], sparsities: Sequence[float] 
         adamw_dense=2 * FP32 * n,
         adamw_steps=ADAM_STEP * len(sizes),
         sparse=sparse,
+        fsdp2=fsdp2,
     )
 
 
-def measure_freeze_peak(shapes: dict[str, tuple[int, ...]], sparsity: float = 0.9) -> int:
-    """Peak RSS increase (bytes) of the callback's selection at the freeze, on a random CPU Fisher.
+@dataclass(frozen=True)
+class FreezePeak:
+    """Bytes torch allocated during the freeze's selection, above what was live before it (the Fisher)."""
 
-    Linux ``ru_maxrss`` (KiB), so the run must not have peaked above the Fisher's footprint before.
+    peak: int  # highest live total during the selection
+    after: int  # still live once it returned (the masks)
+    events: int  # allocation/free events recorded
+
+
+def allocation_peak(fn) -> tuple[FreezePeak, object]:
+    """Run ``fn()`` under ``torch.profiler`` (CPU, ``profile_memory=True``); replay every allocation and
+    free of torch's allocator in time order. Returns the peak and final live bytes above the start (what
+    existed before is not counted; frees of it would count negative) and ``fn``'s result."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    # raw events: per-op aggregates (prof.events()) net out allocations freed inside an op
+    mem = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in mem:
+        live += nbytes
+        peak = max(peak, live)
+    return FreezePeak(peak=peak, after=live, events=len(mem)), out
+
+
+def measure_freeze_peak(shapes: dict[str, tuple[int, ...]], sparsity: float = 0.9) -> FreezePeak:
+    """Peak bytes torch allocates in the callback's selection at the freeze, on a random CPU Fisher.
+
+    The selection runs on one thread (every allocation on the profiled thread); a check that the
+    returned masks were seen allocated guards against a profiler that recorded nothing.
     """
     from fish_lightning.selection import select_masks, selection_scores
 
     gen = torch.Generator().manual_seed(0)
     fisher = {n: torch.rand(s, generator=gen) for n, s in shapes.items()}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    masks = select_masks(selection_scores("fisher", fisher, fisher), sparsity, "global", warn_ties=False)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    del masks
-    return after - before
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result, masks = allocation_peak(
+            lambda: select_masks(selection_scores("fisher", fisher, fisher), sparsity, "global", warn_ties=False)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    mask_bytes = sum(m.numel() * m.element_size() for m in masks.values())  # type: ignore[union-attr]
+    if result.after < mask_bytes:
+        raise RuntimeError(f"the profiler saw {result.after} live bytes after the selection, below its masks' "
+                           f"{mask_bytes}: allocations were not recorded")  # fmt: skip
+    return result
 
 
 def _mib(b: float) -> str:
@@ -136,26 +197,48 @@ def _per(b: float, n: int) -> str:
     return f"{b / n:.3g}"
 
 
-def render(mem: FishMemory, title: str, command: str, base_params: int | None, freeze_peak: int | None) -> str:
+def _yes_no(fish: int, other: int) -> str:
+    """The verdict on "is FISH's memory below the other's?" from the numbers."""
+    return "yes" if fish < other else "no"
+
+
+def _relation(fish: int, other: int) -> str:
+    return "below" if fish < other else ("equal to" if fish == other else "above")
+
+
+def _ratio(fish: int, other: int) -> str:
+    """``fish`` relative to ``other``, to precede a noun: "1/m of" (``other`` is m times ``fish``), "equal to",
+    or a multiple ("1.5x")."""
+    if fish == other:
+        return "equal to"
+    if 0 < fish < other and other % fish == 0:
+        return f"1/{other // fish} of"
+    return f"{fish / other:.3g}x" if other else "more than"
+
+
+def render(mem: FishMemory, title: str, command: str, base_params: int | None, freeze_peak: FreezePeak | None) -> str:
     """The Markdown page."""
     n = mem.candidates
     rows = [
         ("LoRA weights (fp32), for scale", mem.lora_fp32),
-        ("**Warmup**: `cb.fisher` (fp32 accumulator)", mem.fisher_fp32),
-        ('**Warmup**: hooks\' per-step sums (fp32; `fisher_estimator="per_example"` only)', mem.hook_sums_fp32),
-        ("**Warmup total**, `per_example` (default)", mem.warmup_per_example),
-        ("**Warmup total**, `batch_grad`", mem.fisher_fp32),
+        ("**Warmup**: `cb.fisher` (fp32 accumulator; the per-example hooks add into it)", mem.fisher_fp32),
+        ('**Warmup total**, `fisher_estimator="per_example"` (default; one process, or per rank under DDP)',
+         mem.warmup_per_example),
+        ("**Warmup total**, `batch_grad`", mem.warmup_batch_grad),
+        ("Warmup under FSDP2 sharding only: hooks' whole-shaped per-step sums (fp32, on every rank; "
+         "`cb.fisher` is then per shard, see below)", mem.hook_sums_fp32),
         ("**After the freeze**: `cb.masks` (bool)", mem.mask_bool),
         ("masks bit-packed (checkpoints)", mem.mask_packed),
         ("AdamW state, dense (`exp_avg` + `exp_avg_sq`, fp32)", mem.adamw_dense),
-    ]
+    ]  # fmt: skip
     out = [
         f"# {title}",
         "",
         f"Made by `{command}`: counted from the parameter shapes of the model built on the `meta` device "
         "(no weights, no download); `--measure-freeze` also runs the freeze's selection on CPU.",
         "",
-        f"Candidates: **{n:,} entries** in {mem.tensors} LoRA tensors (FISH's default: every LoRA A/B matrix)."
+        f"Candidates: **{n:,} entries** in {mem.tensors} LoRA tensors (FISH's default: every LoRA A/B matrix; "
+        f"the largest has {mem.largest:,} entries)."
         + (f" Base model: {base_params:,} parameters ({_mib(2 * base_params)} MiB in bf16)." if base_params else ""),
         "",
         "| what | bytes | MiB | bytes / candidate |",
@@ -179,67 +262,127 @@ def render(mem: FishMemory, title: str, command: str, base_params: int | None, f
             f"| {s:g} | {d['kept']:,} | {_mib(d['state'])} MiB | {_mib(d['indices'])} MiB | {_mib(d['values'])} MiB "
             f"| {_mib(d['state'] + d['indices'])} MiB | {_mib(mem.mask_bool)} MiB | {_mib(mem.mask_packed)} MiB |"
         )
+    if mem.fsdp2:
+        out += [
+            "",
+            "Warmup per rank under FSDP2 (`fully_shard`: dim 0 split across ranks; largest shard, rank 0), "
+            '`fisher_estimator="per_example"`: the Fisher shard plus whole-shaped per-step sums of every '
+            "candidate (made for all candidates as soon as one is sharded), against the rank's AdamW shard:",
+            "",
+            "| ranks | `cb.fisher` shard | per-step sums (whole) | warmup total | AdamW state shard "
+            "| per rank, bytes / candidate of the model (warmup vs AdamW) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for w, d in mem.fsdp2.items():
+            out.append(
+                f"| {w} | {_mib(d['fisher'])} MiB | {_mib(d['sums'])} MiB | {_mib(d['warmup'])} MiB | "
+                f"{_mib(d['adamw'])} MiB | {_per(d['warmup'], n)} vs {_per(d['adamw'], n)} |"
+            )
     out += ["", "## Is FISH's memory below the optimizer state's?", ""]
     out += verdict(mem, freeze_peak)
-    out += [
-        "",
-        "## Not in the tables",
-        "",
-        "- Transient, at the freeze: `selection_scores` makes a scored copy of the Fisher (4 B/candidate), global "
-        "`select_masks` concatenates it into one flat fp32 tensor (4 B), `torch.kthvalue` works on its own copy "
-        "of the values plus int64 indices (12 B on CPU, measured alone), and a few bool temporaries (1 B each) "
-        "live next to the new masks; the hooks' sums are already freed then."
+    out += ["", "## Not in the tables", ""]
+    out += notes(mem, freeze_peak)
+    return "\n".join(out) + "\n"
+
+
+def verdict(mem: FishMemory, freeze_peak: FreezePeak | None = None) -> list[str]:
+    """Plain statements comparing FISH's memory with AdamW's state, phase by phase (computed, not written)."""
+    n, adam = mem.candidates, mem.adamw_dense
+    pe, bg = mem.warmup_per_example, mem.warmup_batch_grad
+    lines = [
+        f'- **Warmup, `fisher_estimator="per_example"` (default), one process or DDP: {_yes_no(pe, adam)}.** '
+        f"`cb.fisher` = {_mib(pe)} MiB ({_per(pe, n)} B/candidate; the hooks add into it, no second buffer) is "
+        f"{_ratio(pe, adam)} AdamW's dense state ({_mib(adam)} MiB, {_per(adam, n)} B/candidate).",
+        f"- **Warmup, `batch_grad`: {_yes_no(bg, adam)}**, {_mib(bg)} MiB = {_ratio(bg, adam)} AdamW's state.",
+    ]
+    for w, d in mem.fsdp2.items():
+        lines.append(
+            f"- **Warmup, `per_example`, FSDP2 on {w} ranks (per rank): {_yes_no(d['warmup'], d['adamw'])}.** "
+            f"The Fisher shard ({_mib(d['fisher'])} MiB) plus the whole-shaped per-step sums ({_mib(d['sums'])} MiB) "
+            f"= {_mib(d['warmup'])} MiB, {_ratio(d['warmup'], d['adamw'])} the rank's AdamW shard "
+            f"({_mib(d['adamw'])} MiB). With `batch_grad` the Fisher shard alone is "
+            f"{_ratio(d['fisher'], d['adamw'])} it ({_yes_no(d['fisher'], d['adamw'])})."
+        )
+    lines.append(
+        f"- **After the freeze, dense optimizer state: {_yes_no(mem.mask_bool, adam)}**, the bool masks "
+        f"({_mib(mem.mask_bool)} MiB, {_per(mem.mask_bool, n)} B/candidate) are {_ratio(mem.mask_bool, adam)} "
+        f"AdamW's {_mib(adam)} MiB (bit-packed: {_ratio(mem.mask_packed, adam)} it)."
+    )
+    for s, d in mem.sparse.items():
+        state, with_idx = d["state"], d["state"] + d["indices"]
+        lines.append(
+            f"- **After the freeze, `sparse_optimizer_state=True`, sparsity {s:g}: {_yes_no(mem.mask_bool, state)}.** "
+            f"The bool masks ({_mib(mem.mask_bool)} MiB) are {_ratio(mem.mask_bool, state)} the compact AdamW state "
+            f"({_mib(state)} MiB), so FISH's memory is {_relation(mem.mask_bool, state)} the optimizer state's; "
+            f"{_relation(mem.mask_bool, with_idx)} the state with its int64 indices ({_mib(with_idx)} MiB). "
+            f"Bit-packed masks ({_mib(mem.mask_packed)} MiB) would be {_relation(mem.mask_packed, state)} the state."
+        )
+    if freeze_peak is not None:
+        total = mem.fisher_fp32 + freeze_peak.peak
+        lines.append(
+            f"- **At the freeze (transient, measured on CPU): {_yes_no(total, adam)}.** `cb.fisher` plus the "
+            f"selection's allocations peak at {_mib(total)} MiB ({_per(total, n)} B/candidate), "
+            f"{_ratio(total, adam)} AdamW's dense state, which is allocated at the same time."
+        )
+        # DDP: _reduce_mean's flat copy next to cb.fisher; then the selection, and rank 0's packed masks
+        # unpacked next to the selected ones
+        ddp = max(2 * mem.fisher_fp32, mem.fisher_fp32 + freeze_peak.peak + mem.mask_packed + mem.mask_bool)
+        lines.append(
+            f"- **At the freeze under DDP (per rank, counted from the code path): {_yes_no(ddp, adam)}.** The "
+            f"larger of `cb.fisher` + the flat copy `_reduce_mean` all-reduces, and the reduced Fisher + the "
+            f"selection's peak + rank 0's masks (packed, then unpacked next to the selected ones): {_mib(ddp)} MiB "
+            f"({_per(ddp, n)} B/candidate), {_ratio(ddp, adam)} AdamW's dense state (see the notes)."
+        )
+    return lines
+
+
+def notes(mem: FishMemory, freeze_peak: FreezePeak | None = None) -> list[str]:
+    """What the tables leave out (sizes computed from ``mem``)."""
+    n, big = mem.candidates, mem.largest
+    lines = [
+        '- Transient, at the freeze: `selection_scores("fisher")` returns the fp32 accumulators themselves '
+        '(no copy; `"reverse"` makes a negated copy, 4 B/candidate); `select_masks` finds the k-th value by a '
+        "bisection that counts entries tensor by tensor (no concatenation, no sort), so beyond the new masks "
+        "(1 B/candidate) its temporaries are one tensor's at a time: a bool comparison and the int64 copy its "
+        "`.sum()` counts (9 B/entry), or, for a tensor holding entries tied at the cut, the tied bools, their "
+        "int64 copy and running count (17 B/entry); the largest candidate has "
+        f"{big:,} entries ({_mib(TIE_TEMPS * big)} MiB at 17 B/entry)."
         + (
-            f" Measured here (`--measure-freeze`, CPU, peak RSS increase of that selection at sparsity 0.9): "
-            f"{_mib(freeze_peak)} MiB = {_per(freeze_peak, n)} B/candidate."
+            f" Measured here (`--measure-freeze`: `torch.profiler` with `profile_memory=True` records every "
+            f"allocation and free of torch's CPU allocator during the selection, at sparsity 0.9 on a random "
+            f"Fisher, {freeze_peak.events:,} events replayed in time order): peak {_mib(freeze_peak.peak)} MiB = "
+            f"{_per(freeze_peak.peak, n)} B/candidate above the Fisher, of which {_mib(freeze_peak.after)} MiB "
+            f"({_per(freeze_peak.after, n)} B/candidate) stay: the masks (the peak exceeds them by "
+            f"{_mib(freeze_peak.peak - freeze_peak.after)} MiB; a tensor's temporaries come and go while its "
+            "masks are still being made, so the peak can be reached at the end)."
             if freeze_peak is not None
             else ""
         ),
+        "- Transient, after the selection: `frozen_digest` hashes each tensor's frozen entries (a copy of one "
+        "tensor's frozen entries at a time); `rewind_frozen` writes through `torch.where`, one tensor at a time.",
         "- Transient, each warmup step: the hooks materialise per-example gradients in chunks of at most 2^24 fp32 "
         "entries (64 MiB) per LoRA call, and keep a reference to each LoRA layer's input until the backward "
         "(autograd keeps it anyway).",
+        "- Non-finite warmup steps: with the per-example squares added straight into `cb.fisher`, a step with a "
+        "non-finite gradient cannot be left out after the fact, so the Fisher restarts from zero (and the "
+        "warmup count with it); `batch_grad`, and `per_example` under FSDP2 (separate per-step sums), leave "
+        "that step out instead.",
         "- Per masked step (dense state): `FrozenEntryGuard` copies the partly frozen tensors from "
-        "`on_before_optimizer_step` to the end of `optimizer.step()` (4 B/candidate in fp32, freed after the step).",
+        f"`on_before_optimizer_step` to the end of `optimizer.step()` (4 B/candidate in fp32: {_mib(FP32 * n)} MiB, "
+        "freed after the step).",
         "- Optional: `rewind_frozen=True` keeps the fit-start values until the freeze (4 B/candidate in fp32); "
         "`keep_fisher=True` keeps `cb.fisher` on CPU after it (4 B/candidate); a checkpoint written during warmup "
         "carries the Fisher (4 B/candidate).",
         "- Gradients of the LoRA weights (4 B/candidate in fp32) exist with or without FISH; with "
         "`sparse_optimizer_state` the dense `.grad` is released once the kept entries are gathered.",
-        "- Per rank: under DDP every rank holds all of the above. Under FSDP2 `cb.fisher` and the masks are "
-        "per shard, but the hooks' per-step sums are whole-tensor on every rank (reduce-scattered each step).",
+        "- Per rank under DDP: every rank holds all of the above. At the freeze `_reduce_mean` also concatenates "
+        f"the Fisher into one flat fp32 buffer for the all-reduce (4 B/candidate, {_mib(FP32 * n)} MiB, next to "
+        "`cb.fisher` until the reduced copy replaces it), and rank 0's masks are broadcast bit-packed and unpacked "
+        "into new bool masks (1 B/candidate more while the selected ones are replaced).",
+        "- Per rank under FSDP2: `cb.fisher`, the masks and AdamW's state are per shard, but the per-example "
+        "hooks' per-step sums are whole-shaped on every rank (table above), for every candidate as soon as one "
+        "is sharded.",
     ]
-    return "\n".join(out) + "\n"
-
-
-def verdict(mem: FishMemory, freeze_peak: int | None = None) -> list[str]:
-    """Plain statements comparing FISH's memory with AdamW's state, phase by phase."""
-    n, adam = mem.candidates, mem.adamw_dense
-    lines = [
-        f'- **Warmup, `fisher_estimator="per_example"` (default): no, equal.** `cb.fisher` + the hooks\' '
-        f"per-step sums = {_mib(mem.warmup_per_example)} MiB (8 B/candidate), the same as AdamW's dense state "
-        f"({_mib(adam)} MiB, 8 B/candidate; AdamW is larger only by its {mem.tensors} step counters).",
-        f"- **Warmup, `batch_grad`: yes**, {_mib(mem.fisher_fp32)} MiB = half of AdamW's state.",
-        f"- **After the freeze, dense optimizer state: yes**, the bool masks ({_mib(mem.mask_bool)} MiB, "
-        f"1 B/candidate) are 1/8 of AdamW's {_mib(adam)} MiB (bit-packed: 1/64).",
-    ]
-    for s, d in mem.sparse.items():
-        state = d["state"]
-        bool_ok = mem.mask_bool < state
-        packed_ok = mem.mask_packed < state
-        lines.append(
-            f"- **After the freeze, `sparse_optimizer_state=True`, sparsity {s:g}: "
-            f"{'yes' if bool_ok else 'no'}.** The bool masks ({_mib(mem.mask_bool)} MiB) are "
-            f"{mem.mask_bool / state:.2f}x the compact AdamW state ({_mib(state)} MiB; "
-            f"{_mib(state + d['indices'])} MiB with its int64 indices). Bit-packed masks ({_mib(mem.mask_packed)} MiB) "
-            f"would be {'below' if packed_ok else 'still above'} the state."
-        )
-    if freeze_peak is not None:
-        total = mem.fisher_fp32 + freeze_peak
-        lines.append(
-            f"- **At the freeze (transient, measured on CPU): no.** `cb.fisher` plus the selection's temporaries peak "
-            f"at {_mib(total)} MiB ({_per(total, n)} B/candidate), {total / adam:.1f}x AdamW's dense state, which "
-            "is allocated at the same time (see below)."
-        )
     return lines
 
 
@@ -247,19 +390,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.99])
+    parser.add_argument("--world-sizes", type=int, nargs="*", default=[2, 8], help="FSDP2 ranks for the per-rank table")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown page here (else print it)")
-    parser.add_argument("--measure-freeze", action="store_true", help="measure the selection's peak RSS on CPU")
+    parser.add_argument("--measure-freeze", action="store_true", help="measure the selection's peak allocation on CPU")
     args = parser.parse_args(argv)
     for s in args.sparsities:
         if not 0.0 <= s < 1.0:
             parser.error(f"sparsity {s} is out of range: expected 0 <= sparsity < 1")
     if args.r < 1:
         parser.error(f"--r {args.r} must be >= 1")
+    if any(w < 2 for w in args.world_sizes):
+        parser.error(f"--world-sizes {args.world_sizes}: FSDP2 sharding needs at least 2 ranks")
     model = build_meta_lora_llama(LLAMA2_7B, r=args.r)
     shapes = candidate_shapes(model)
     base = sum(p.numel() for n, p in model.named_parameters() if n not in shapes)
     del model
-    mem = fish_memory(shapes, args.sparsities)
+    mem = fish_memory(shapes, args.sparsities, args.world_sizes)
     peak = measure_freeze_peak(shapes) if args.measure_freeze else None
     command = "python " + " ".join(["scripts/memory_table.py", *(argv if argv is not None else sys.argv[1:])])
     page = render(mem, f"FISH memory: LLaMA-2-7B + LoRA r={args.r} on every linear layer", command, base, peak)

@@ -291,3 +291,31 @@ def test_sparse_state_refused_with_grad_scaler():
     cb = FisherMaskCallback(sparse_optimizer_state=True)
     with pytest.raises(ValueError, match="does not support fp16 mixed precision with a GradScaler"):
         cb.on_fit_start(trainer, TinyClassifier())
+
+
+def test_reduce_mean_is_in_place_and_bucketed():
+    from types import SimpleNamespace
+
+    from fish_lightning.callback import _reduce_mean
+
+    sizes = []
+
+    def reduce(t, reduce_op):  # two ranks holding t and 3 * t: the mean is 2 * t
+        assert reduce_op == "mean"
+        sizes.append(t.numel())
+        return t * 2
+
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
+    fisher = {
+        "a": torch.ones(3),
+        "big": torch.full((10,), 3.0),
+        "b": torch.ones(2, 2),
+        "c": torch.ones(1),
+        "s": torch.ones(4),
+    }
+    before = {n: f.clone() for n, f in fisher.items()}
+    out = _reduce_mean(trainer, fisher, skip={"s"}, bucket=6)
+    assert out is fisher and list(out) == list(before)
+    for n in fisher:
+        assert torch.equal(fisher[n], before[n] if n == "s" else 2 * before[n]), n
+    assert sizes == [3, 10, 5]  # "a" alone ("big" would overflow), "big" alone (> bucket), then "b" + "c"

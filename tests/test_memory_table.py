@@ -1,8 +1,11 @@
-"""scripts/memory_table.py: its counts on a tiny LLaMA (checked by hand), and that they are what the
-callback actually allocates in a run (Fisher accumulators, masks, compact optimizer state)."""
+"""scripts/memory_table.py: its counts on a tiny LLaMA (checked by hand), its computed verdicts, its
+allocation measurement, and that the counts are what the callback actually allocates in a run (the
+Fisher, into which the per-example hooks add directly; masks; compact optimizer state)."""
 
+import gc
 import importlib.util
 import sys
+import weakref
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,6 +16,7 @@ from conftest import make_trainer
 from fish_lightning import FisherMaskCallback
 from fish_lightning.causal_lm import CausalLM
 from fish_lightning.decoders import apply_decoder_peft, build_causal_lm
+from fish_lightning.fisher import PerExampleSquaredGrads
 from test_causal_lm import lm_loader
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "memory_table.py"
@@ -43,17 +47,56 @@ def test_counts_on_a_tiny_llama_match_hand_computed_numbers():
     model = memory_table.build_meta_lora_llama(TINY, r=2)
     shapes = memory_table.candidate_shapes(model)
     assert shapes["base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"] == (2, 12)
-    mem = memory_table.fish_memory(shapes, (0.9, 0.99))
-    assert (mem.candidates, mem.tensors) == (N, TENSORS)
+    mem = memory_table.fish_memory(shapes, (0.9, 0.99), (2,))
+    assert (mem.candidates, mem.tensors, mem.largest) == (N, TENSORS, 24)
     assert mem.fisher_fp32 == mem.hook_sums_fp32 == mem.lora_fp32 == 4 * N == 1984
-    assert mem.warmup_per_example == mem.adamw_dense == 3968 and mem.adamw_steps == 4 * TENSORS
+    # per_example adds into cb.fisher (no second buffer): half of AdamW's exp_avg + exp_avg_sq
+    assert mem.warmup_per_example == mem.warmup_batch_grad == 1984 and mem.adamw_dense == 3968
+    assert mem.adamw_steps == 4 * TENSORS
     assert mem.mask_bool == N and mem.mask_packed == PACKED
     # k = round(0.1 * 496) = round(49.6) = 50; round(0.01 * 496) = round(4.96) = 5
     assert mem.sparse[0.9] == {"kept": 50, "state": 400, "indices": 400, "values": 200}
     assert mem.sparse[0.99] == {"kept": 5, "state": 40, "indices": 40, "values": 20}
-    page = memory_table.render(mem, "tiny", "cmd", None, None)
-    assert '**Warmup, `fisher_estimator="per_example"` (default): no, equal.**' in page
-    assert "sparsity 0.99: no.** The bool masks (0.0 MiB) are 12.40x" in page  # 496 B vs 40 B
+    # FSDP2 on 2 ranks: every dim 0 (2, 8 or 12) halves -> 248 local entries; whole-shaped sums of all 496
+    assert mem.fsdp2[2] == {"fisher": 992, "sums": 1984, "warmup": 2976, "adamw": 1984}
+    peak = memory_table.FreezePeak(peak=N + 100, after=N, events=1)
+    page = memory_table.render(mem, "tiny", "cmd", None, peak)
+    assert '**Warmup, `fisher_estimator="per_example"` (default), one process or DDP: yes.**' in page
+    assert "(4 B/candidate; the hooks add into it, no second buffer) is 1/2 of AdamW's dense state" in page
+    assert "**Warmup, `per_example`, FSDP2 on 2 ranks (per rank): no.**" in page  # 2976 B vs 1984 B
+    assert "= 0.0 MiB, 1.5x the rank's AdamW shard" in page
+    assert "**After the freeze, dense optimizer state: yes**" in page and "are 1/8 of AdamW's" in page
+    assert "sparsity 0.9: no.** The bool masks (0.0 MiB) are 1.24x" in page  # 496 B vs 400 B
+    assert "sparsity 0.99: no.** The bool masks (0.0 MiB) are 12.4x" in page  # 496 B vs 40 B
+    assert "**At the freeze (transient, measured on CPU): yes.**" in page  # 1984 + 596 B vs 3968 B
+    assert "**At the freeze under DDP (per rank, counted from the code path): no.**" in page  # 2 x 1984 B
+    assert "(8 B/candidate), equal to AdamW's dense state" in page
+    # the verdicts follow the numbers: a larger selection peak turns the freeze's verdict
+    page = memory_table.render(mem, "tiny", "cmd", None, memory_table.FreezePeak(peak=2000, after=N, events=1))
+    assert "**At the freeze (transient, measured on CPU): no.**" in page
+
+
+def test_allocation_peak_replays_allocations_and_frees():
+    x = torch.rand(10_000)
+
+    def work():
+        kept = x > 0.5  # 10,000 B, returned
+        tmp = (x * 2).cumsum(0)  # 40,000 B for the product, 40,000 B for its cumsum, both freed
+        del tmp
+        return kept
+
+    peak, kept = memory_table.allocation_peak(work)
+    assert kept.dtype == torch.bool and peak.after == 10_000
+    assert 90_000 <= peak.peak < 90_100  # (plus a few 0-dim scalars)
+
+
+def test_measured_freeze_peak_is_the_masks_plus_small_temporaries():
+    shapes = {f"t{i}": (16, 64) if i % 2 else (64, 16) for i in range(20)}  # 20,480 entries
+    peak = memory_table.measure_freeze_peak(shapes, sparsity=0.9)
+    assert peak.after == 20_480  # the bool masks
+    # one tensor's temporaries at a time: at most 17 B/entry of one 1,024-entry tensor (bools; the tied
+    # entries' int64 running count and its int64 copy); a concatenation would add 4 B x 20,480 alone
+    assert peak.peak <= 20_480 + 20 * 1024
 
 
 class _Probe(pl.Callback):
@@ -62,14 +105,19 @@ class _Probe(pl.Callback):
     this test pins the script's counts to the callback's actual allocations)."""
 
     def __init__(self, fish: FisherMaskCallback) -> None:
-        self.fish, self.fisher_bytes, self.hook_bytes = fish, set(), set()
+        self.fish, self.fisher_bytes, self.warmup_bytes, self.direct = fish, set(), set(), set()
         self.state_bytes = self.steps = self.index_bytes = self.value_bytes = None
+        self.accumulators: list[weakref.ref] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.fish.fisher is not None and not self.fish.frozen:
             self.fisher_bytes.add(_nbytes(self.fish.fisher.values()))
             hooks = self.fish._per_example  # PerExampleSquaredGrads while attached
-            self.hook_bytes.add(_nbytes(hooks.sums.values()) if hooks else 0)
+            self.direct.add(hooks.direct if hooks else None)
+            # every distinct fp32 buffer FISH holds in warmup (Fisher and hooks' sums, counted once by storage)
+            buffers = [*self.fish.fisher.values(), *(hooks.sums.values() if hooks else ())]
+            self.warmup_bytes.add(_nbytes({t.untyped_storage().data_ptr(): t for t in buffers}.values()))
+            self.accumulators = [weakref.ref(t) for t in buffers]
 
     def on_train_end(self, trainer, pl_module) -> None:  # before teardown removes the compact optimizer
         opt = trainer.optimizers[0]
@@ -83,6 +131,21 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def test_sharded_hook_sums_are_the_fsdp2_row():
+    """Under FSDP2 the callback attaches the hooks without ``into`` (``callback.on_train_start``): they make
+    their own whole-shaped fp32 per-step sums, the table's FSDP2 row."""
+    model = apply_decoder_peft(build_causal_lm(tiny_config={"model_type": "llama", **TINY}), r=2, lora_alpha=4)
+    shapes = memory_table.candidate_shapes(model)
+    params = dict(model.named_parameters())
+    hooks = PerExampleSquaredGrads(model, {n: params[n] for n in shapes})
+    assert not hooks.uncovered
+    try:
+        hooks.attach()
+        assert not hooks.direct and _nbytes(hooks.sums.values()) == memory_table.fish_memory(shapes).hook_sums_fp32
+    finally:
+        hooks.detach()
+
+
 @pytest.mark.parametrize("sparse_state", [False, True])
 def test_counts_are_what_the_callback_allocates(sparse_state):
     model = apply_decoder_peft(build_causal_lm(tiny_config={"model_type": "llama", **TINY}), r=2, lora_alpha=4)
@@ -91,7 +154,11 @@ def test_counts_are_what_the_callback_allocates(sparse_state):
     cb = FisherMaskCallback(sparsity=0.9, warmup_steps=2, mask_epoch=None, sparse_optimizer_state=sparse_state)
     probe = _Probe(cb)
     make_trainer([probe, cb], max_epochs=1, limit_val_batches=0).fit(module, lm_loader())
-    assert probe.fisher_bytes == {mem.fisher_fp32} and probe.hook_bytes == {mem.hook_sums_fp32}
+    # per_example (the default): the hooks add into cb.fisher, so warmup holds the Fisher only
+    assert cb.fisher_estimator == "per_example" and probe.direct == {True}
+    assert probe.fisher_bytes == probe.warmup_bytes == {mem.warmup_per_example}
+    gc.collect()
+    assert probe.accumulators and all(ref() is None for ref in probe.accumulators)  # freed after the freeze
     assert _nbytes(cb.masks.values()) == mem.mask_bool
     assert sum(t.numel() for t in cb.state_dict()["masks"].values()) == mem.mask_packed
     assert cb.fisher is None and cb.num_kept == mem.sparse[0.9]["kept"]

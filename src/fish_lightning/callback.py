@@ -778,20 +778,27 @@ def _inverse_loss_scale(trainer: pl.Trainer, optimizer: Optimizer) -> float:
 
 
 def _reduce_mean(
-    trainer: pl.Trainer, fisher: dict[str, Tensor], skip: set[str] | frozenset = frozenset()
+    trainer: pl.Trainer, fisher: dict[str, Tensor], skip: set[str] | frozenset = frozenset(), bucket: int = 1 << 22
 ) -> dict[str, Tensor]:
-    """Average the Fisher over ranks with one all-reduce of a flat buffer (``skip``: sharded tensors, whose
-    per-rank parts are different rows, already averaged when accumulated)."""
+    """Average the Fisher over ranks, in place, in all-reduces of at most ``bucket`` entries (16 MiB in fp32)
+    of consecutive tensors (``skip``: sharded tensors, whose per-rank parts are different rows, already
+    averaged when accumulated). A flat copy of the whole Fisher would double its memory at the freeze."""
     if trainer.world_size <= 1:
         return fisher
     names = [n for n in fisher if n not in skip]
-    if not names:
-        return fisher
-    flat = torch.cat([fisher[n].reshape(-1) for n in names])
-    flat = trainer.strategy.reduce(flat, reduce_op="mean")
-    out, offset = {n: fisher[n] for n in skip if n in fisher}, 0
-    for n in names:
-        numel = fisher[n].numel()
-        out[n] = flat[offset : offset + numel].view_as(fisher[n])
-        offset += numel
-    return {n: out[n] for n in fisher}
+    batch: list[str] = []
+    for i, n in enumerate(names):
+        batch.append(n)
+        size = sum(fisher[m].numel() for m in batch)
+        if i + 1 < len(names) and size + fisher[names[i + 1]].numel() <= bucket:
+            continue
+        if len(batch) == 1:
+            fisher[n].copy_(trainer.strategy.reduce(fisher[n], reduce_op="mean"))
+        else:
+            flat = trainer.strategy.reduce(torch.cat([fisher[m].reshape(-1) for m in batch]), reduce_op="mean")
+            offset = 0
+            for m in batch:
+                fisher[m].copy_(flat[offset : offset + fisher[m].numel()].view_as(fisher[m]))
+                offset += fisher[m].numel()
+        batch = []
+    return fisher

@@ -159,7 +159,7 @@ def select_masks_sharded(
         for n in names:
             g = group_of[n]
             t = torch.tensor(thresholds[g], dtype=torch.float32, device=device)
-            c[g] += (flat[n] > t).sum() if strict else (flat[n] >= t).sum()
+            c[g] += torch.count_nonzero(flat[n] > t if strict else flat[n] >= t)  # (.sum() would copy to int64)
         return all_reduce_sum(c).cpu()
 
     # per group, the largest key t with count(score >= value(t)) >= k, within [-inf, +inf]
@@ -175,7 +175,7 @@ def select_masks_sharded(
     # ties in global flat order: (group order, tensor order, rank's offset) -> this rank's quota
     table = torch.zeros(2, world_size, len(names), dtype=torch.int64, device=device)
     for j, n in enumerate(names):
-        table[0, rank, j] = (flat[n] == kth[group_of[n]]).sum()
+        table[0, rank, j] = torch.count_nonzero(flat[n] == kth[group_of[n]])
         table[1, rank, j] = offsets[n]
     table = all_reduce_sum(table).cpu()
     quota: dict[str, int] = {}
