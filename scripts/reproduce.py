@@ -55,6 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--peft", default="lora,dora", help="comma list of lora,dora")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", default=None, help="comma list: only these methods of the grid (e.g. lora-r2,lora-r8+fisher)")
     ap.add_argument("--train-samples", type=int, default=1600, help="fixed-seed training subsample per task")
     ap.add_argument("--val-samples", type=int, default=400, help="fixed-seed validation subsample (null: all)")
     ap.add_argument("--epochs", type=int, default=2)
@@ -101,6 +102,13 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int, list[str]]]:
                    for k, v in table.items()}]  # fmt: skip
     else:
         groups = [methods(peft) for peft in args.peft.split(",")]
+    if args.methods:
+        wanted = args.methods.split(",")
+        known = [m for table in groups for m in table]
+        unknown = [m for m in wanted if m not in known]
+        if unknown:
+            raise SystemExit(f"reproduce.py: unknown method(s) {unknown}: expected some of {known}")
+        groups = [{m: o for m, o in table.items() if m in wanted} for table in groups]
     runs = []  # group-major, then task: a study cut short still holds whole method groups
     for table in groups:
         for task in tasks:
