@@ -55,7 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--peft", default="lora,dora", help="comma list of lora,dora")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--methods", default=None, help="comma list: only these methods of the grid (e.g. lora-r2,lora-r8+fisher)")
+    ap.add_argument("--methods", default=None, help="comma list: only these methods (e.g. lora-r2,lora-r8+fisher)")
     ap.add_argument("--train-samples", type=int, default=1600, help="fixed-seed training subsample per task")
     ap.add_argument("--val-samples", type=int, default=400, help="fixed-seed validation subsample (null: all)")
     ap.add_argument("--epochs", type=int, default=2)
