@@ -412,6 +412,10 @@ class FisherMaskCallback(Callback):
         hooks = self._per_example
         if hooks is not None:
             hooks.missed.update(hooks.unseen({n: p.grad for n, p in self._params.items()}))
+            if self._sharded and trainer.world_size > 1:  # shards differ per rank: decide the fallback together
+                flag = torch.tensor([len(hooks.missed)], dtype=torch.int64, device=trainer.strategy.root_device)
+                if int(trainer.strategy.reduce(flag, reduce_op="sum")[0]) and not hooks.missed:
+                    hooks.missed.add("(on another rank)")
         if hooks is not None and hooks.missed:
             self._fall_back_to_batch_grad(f"no per-example gradient for {sorted(hooks.missed)[:3]}")
             hooks = None
