@@ -194,7 +194,7 @@ def study_command(args: argparse.Namespace) -> str:
     opts = {"--tasks": args.tasks, "--peft": args.peft, "--seeds": args.seeds, "--train-samples": args.train_samples,
             "--val-samples": args.val_samples, "--epochs": args.epochs, "--warmup-steps": args.warmup_steps,
             "--lr": args.lr, "--model": args.model}  # fmt: skip
-    flags = " --ablation" if args.ablation else ""
+    flags = (" --ablation" if args.ablation else "") + (f" --methods {args.methods}" if args.methods else "")
     return "python scripts/reproduce.py" + flags + "".join(f" {k} {v}" for k, v in opts.items())
 
 
