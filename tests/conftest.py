@@ -133,3 +133,12 @@ def write_glue(root) -> str:
 @pytest.fixture
 def glue_dir(tmp_path):
     return write_glue(tmp_path / "glue")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (two spin-wait under CPU contention); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

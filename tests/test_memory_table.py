@@ -34,13 +34,7 @@ TINY = dict(hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attent
 N, TENSORS, PACKED = 496, 28, 62
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models run fastest on one thread (two spin-wait under CPU contention); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def test_counts_on_a_tiny_llama_match_hand_computed_numbers():
