@@ -26,17 +26,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fish_lightning.candidates import find_candidates
-from fish_lightning.fisher import (
+from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
+from fish_lightning.core.candidates import find_candidates
+from fish_lightning.core.fisher import (
     PerExampleSquaredGrads,
     accumulate_squared_grads,
     per_example_fisher,
     per_example_fisher_hooks,
     zeros_like_params,
 )
-from fish_lightning.masking import FrozenEntryGuard, mask_gradients
-from fish_lightning.modeling import apply_peft, build_sequence_classifier
-from fish_lightning.selection import select_masks
+from fish_lightning.core.masking import FrozenEntryGuard, mask_gradients
+from fish_lightning.core.selection import select_masks
 
 TINY = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=128)  # fmt: skip

@@ -1,6 +1,6 @@
 """File size of the sparse adapter export vs the dense adapter, at several densities.
 
-Builds MiniLM-L6 (offline, ``fish_lightning.modeling``) + LoRA r=8 on query/value, applies
+Builds MiniLM-L6 (offline, ``fish_lightning.adapters.models``) + LoRA r=8 on query/value, applies
 ``seeded_init_``, keeps a random ``density`` fraction of the LoRA entries (moved to new random values,
 as training would), saves with ``save_sparse``, reloads into a fresh model to check that it is
 exact, and prints one table row per density. ``--tiny`` uses a tiny random BERT (seconds, for tests).
@@ -21,9 +21,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fish_lightning.adapter_init import seeded_init_  # noqa: E402
-from fish_lightning.export import load_sparse_into_base, read_sparse, save_sparse  # noqa: E402
-from fish_lightning.modeling import apply_peft, build_sequence_classifier  # noqa: E402
+from fish_lightning.adapters.export import load_sparse_into_base, read_sparse, save_sparse  # noqa: E402
+from fish_lightning.adapters.models import apply_peft, build_sequence_classifier  # noqa: E402
+from fish_lightning.adapters.seeded_init import seeded_init_  # noqa: E402
 
 TINY = dict(
     vocab_size=100,

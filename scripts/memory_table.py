@@ -2,7 +2,7 @@
 
 Builds the architecture from its config values on the ``meta`` device (no weights, no download),
 adds LoRA with peft (q/k/v/o/gate/up/down projections), takes FISH's default candidates
-(:func:`fish_lightning.candidates.find_candidates`: every LoRA A/B matrix) and counts, per
+(:func:`fish_lightning.core.candidates.find_candidates`: every LoRA A/B matrix) and counts, per
 candidate entry, what :class:`~fish_lightning.FisherMaskCallback` allocates (see
 ``callback.py``/``fisher.py``/``sparse_state.py``):
 
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fish_lightning.candidates import find_candidates
-from fish_lightning.selection import num_kept
+from fish_lightning.core.candidates import find_candidates
+from fish_lightning.core.selection import num_kept
 
 #: LLaMA-2-7B (meta-llama/Llama-2-7b-hf config.json values).
 LLAMA2_7B = dict(
@@ -171,7 +171,7 @@ def measure_freeze_peak(shapes: dict[str, tuple[int, ...]], sparsity: float = 0.
     The selection runs on one thread (every allocation on the profiled thread); a check that the
     returned masks were seen allocated guards against a profiler that recorded nothing.
     """
-    from fish_lightning.selection import select_masks, selection_scores
+    from fish_lightning.core.selection import select_masks, selection_scores
 
     gen = torch.Generator().manual_seed(0)
     fisher = {n: torch.rand(s, generator=gen) for n, s in shapes.items()}

@@ -1,4 +1,4 @@
-from fish_lightning.report import main
+from fish_lightning.app.report import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

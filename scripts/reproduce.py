@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from hydra import compose, initialize_config_module
 
-    from fish_lightning.train import run
+    from fish_lightning.app.train import run
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(out: Path, args: argparse.Namespace) -> int:
     """Tidy every finished run (portable paths, short setting labels), then table and plots."""
-    from fish_lightning.report import write_report
+    from fish_lightning.app.report import write_report
 
     common = set(common_overrides(args))
     for res in sorted(out.glob("*/*/seed*/results.json")):

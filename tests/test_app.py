@@ -13,9 +13,9 @@ from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
 from fish_lightning import FisherMaskCallback
-from fish_lightning.candidates import find_candidates
-from fish_lightning.modeling import ADDED_TENSORS
-from fish_lightning.train import build_fish
+from fish_lightning.adapters.models import ADDED_TENSORS
+from fish_lightning.app.train import build_fish
+from fish_lightning.core.candidates import find_candidates
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "fish_lightning" / "conf"
 HUB_MODELS = {"bert_base", "roberta_base", "gpt2", "tinyllama"}  # need the network: composed and resolved, not loaded
@@ -25,7 +25,7 @@ def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-# instruction data for causal LMs (fish_lightning.instruct): instantiated and run in tests/test_causal_lm.py
+# instruction data for causal LMs (fish_lightning.app.instruction_data): instantiated and run in tests/test_causal_lm.py
 INSTRUCTION_DATA = {o for o in options("data") if "InstructionData" in (CONF / "data" / f"{o}.yaml").read_text()}
 
 
@@ -64,7 +64,7 @@ def test_model_options_instantiate(opt, tmp_path):
 @pytest.mark.parametrize("opt", options("peft"))
 def test_peft_options_instantiate(opt, tmp_path):
     cfg = composed(["model=tiny_bert", f"peft={opt}"], tmp_path)
-    if cfg.peft._target_.startswith("fish_lightning.decoders."):  # decoder peft configs: on a tiny GPT-2
+    if cfg.peft._target_.startswith("fish_lightning.adapters.decoders."):  # decoder peft configs: on a tiny GPT-2
         cfg = composed(["model=tiny_gpt2", f"peft={opt}"], tmp_path)
     model = instantiate(cfg.peft)(instantiate(cfg.model.net))
     names = find_candidates(model)
@@ -161,7 +161,7 @@ def test_two_by_two_multirun_then_report(tmp_path):
 
 
 def _main(args, tmp_path, monkeypatch, capsys):
-    from fish_lightning.train import main
+    from fish_lightning.app.train import main
 
     monkeypatch.setenv("FISH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(sys, "argv", ["fish-train", "model=tiny_bert", f"hydra.run.dir={tmp_path}/run", *args])

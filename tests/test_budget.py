@@ -1,4 +1,5 @@
-"""Budget matching (fish_lightning.budget) and its wiring into fish-train (budget.r / kept / count_always_trained)."""
+"""Budget matching (fish_lightning.core.budget) and its wiring into fish-train (budget.r / kept /
+count_always_trained)."""
 
 import pytest
 import torch
@@ -8,11 +9,11 @@ from omegaconf import OmegaConf
 
 from conftest import make_trainer
 from fish_lightning import FisherMaskCallback
-from fish_lightning.budget import count_candidates, count_trainable_entries, match_kept, match_sparsity
-from fish_lightning.modeling import apply_peft, build_sequence_classifier
-from fish_lightning.module import SequenceClassifier
-from fish_lightning.selection import num_kept
-from fish_lightning.train import ConfigError, _budget_kept, _validate, build_fish
+from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
+from fish_lightning.app.classifier import SequenceClassifier
+from fish_lightning.app.train import ConfigError, _budget_kept, _validate, build_fish
+from fish_lightning.core.budget import count_candidates, count_trainable_entries, match_kept, match_sparsity
+from fish_lightning.core.selection import num_kept
 from test_peft_e2e import TINY, token_batches
 
 H = TINY["hidden_size"]

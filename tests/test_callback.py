@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import SnapshotAtFreeze, TinyClassifier, make_loader, make_trainer, params_of
 from fish_lightning import FisherMaskCallback
-from fish_lightning.fisher import per_example_fisher
+from fish_lightning.core.fisher import per_example_fisher
 
 
 def fit(cb=None, max_epochs=3, model=None, loader=None, extra=(), **trainer_kw):
@@ -296,7 +296,7 @@ def test_sparse_state_refused_with_grad_scaler():
 def test_reduce_mean_is_in_place_and_bucketed():
     from types import SimpleNamespace
 
-    from fish_lightning.callback import _reduce_mean
+    from fish_lightning.callback.fisher_mask import _reduce_mean
 
     sizes = []
 

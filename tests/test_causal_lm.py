@@ -13,12 +13,12 @@ from torch.utils.data import DataLoader
 
 from conftest import SnapshotAtFreeze, make_trainer, params_of
 from fish_lightning import FisherMaskCallback
-from fish_lightning.causal_lm import IGNORE_INDEX, CausalLM, response_nll
-from fish_lightning.data import DataError
-from fish_lightning.decoders import DECODER_PROJECTIONS, apply_decoder_peft, build_causal_lm
-from fish_lightning.fisher import PerExampleSquaredGrads, per_example_fisher, per_example_fisher_hooks
-from fish_lightning.instruct import Example, InstructionData, encode_example, instruction_collate
-from fish_lightning.modeling import build_sequence_classifier
+from fish_lightning.adapters.decoders import DECODER_PROJECTIONS, apply_decoder_peft, build_causal_lm
+from fish_lightning.adapters.models import build_sequence_classifier
+from fish_lightning.app.causal_lm import IGNORE_INDEX, CausalLM, response_nll
+from fish_lightning.app.classification_data import DataError
+from fish_lightning.app.instruction_data import Example, InstructionData, encode_example, instruction_collate
+from fish_lightning.core.fisher import PerExampleSquaredGrads, per_example_fisher, per_example_fisher_hooks
 from test_app import composed
 from test_peft_e2e import TINY
 
@@ -222,7 +222,7 @@ def test_projections_are_every_linear_layer_but_the_head():
 
 
 def test_experiment_runs_through_the_app(tmp_path, glue_dir):
-    from fish_lightning.train import run
+    from fish_lightning.app.train import run
 
     overrides = ["experiment=causal_lm_lora_fish", f"data.path={glue_dir}", "fish.warmup_steps=1", "logger=none",
                  "data.batch_size=2", "data.eval_batch_size=4", "trainer.enable_progress_bar=false"]  # fmt: skip
@@ -292,7 +292,7 @@ def test_bad_input_names_the_value(tmp_path, glue_dir):
     with pytest.raises(ValueError, match="peft method 'ia3' is not supported on decoders"):
         apply_decoder_peft(build_causal_lm(tiny_config=CONFIGS["gpt2"]), method="ia3")
 
-    from fish_lightning.train import ConfigError, train
+    from fish_lightning.app.train import ConfigError, train
 
     for overrides, message in (
         (["model=tiny_gpt2", "peft=lora_decoder", "data=tweets"], "model=tiny_gpt2 is a causal LM but data=tweets"),

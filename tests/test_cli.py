@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from fish_lightning import FisherMaskCallback
-from fish_lightning.cli import PeftSequenceClassifier, cli_main, main
+from fish_lightning.app.cli import PeftSequenceClassifier, cli_main, main
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "lightning_cli"
 TINY = EXAMPLES / "tiny_smoke.yaml"

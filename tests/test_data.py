@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fish_lightning.data import (
+from fish_lightning.app.classification_data import (
     TASKS,
     DataError,
     TextClassificationData,

@@ -14,8 +14,7 @@ from safetensors.torch import save_file
 
 from conftest import make_trainer
 from fish_lightning import FisherMaskCallback
-from fish_lightning.adapter_init import canonical_names, init_values, recorded_seed, seeded_init_
-from fish_lightning.export import (
+from fish_lightning.adapters.export import (
     DenseFallbackWarning,
     decode_indices,
     encode_indices,
@@ -26,8 +25,9 @@ from fish_lightning.export import (
     safetensors_nbytes,
     save_sparse,
 )
-from fish_lightning.modeling import apply_peft, build_sequence_classifier
-from fish_lightning.module import SequenceClassifier
+from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
+from fish_lightning.adapters.seeded_init import canonical_names, init_values, recorded_seed, seeded_init_
+from fish_lightning.app.classifier import SequenceClassifier
 from test_peft_e2e import TINY
 from test_peft_e2e import token_batches as e2e_token_batches
 

@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fish_lightning.fisher import (
+from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
+from fish_lightning.core.fisher import (
     PerExampleSquaredGrads,
     per_example_fisher,
     per_example_fisher_hooks,
     slice_batch,
 )
-from fish_lightning.modeling import apply_peft, build_sequence_classifier
 from test_peft_e2e import TINY
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fish_lightning.masking import FrozenEntryGuard, mask_gradients, pack_mask, unpack_mask
+from fish_lightning.core.masking import FrozenEntryGuard, mask_gradients, pack_mask, unpack_mask
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (2, 3, 11)])

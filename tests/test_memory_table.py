@@ -14,9 +14,9 @@ import torch
 
 from conftest import make_trainer
 from fish_lightning import FisherMaskCallback
-from fish_lightning.causal_lm import CausalLM
-from fish_lightning.decoders import apply_decoder_peft, build_causal_lm
-from fish_lightning.fisher import PerExampleSquaredGrads
+from fish_lightning.adapters.decoders import apply_decoder_peft, build_causal_lm
+from fish_lightning.app.causal_lm import CausalLM
+from fish_lightning.core.fisher import PerExampleSquaredGrads
 from test_causal_lm import lm_loader
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "memory_table.py"

@@ -6,8 +6,8 @@ from torch.utils.data import DataLoader
 
 from conftest import SnapshotAtFreeze, make_trainer, params_of
 from fish_lightning import FisherMaskCallback, TieWarning
-from fish_lightning.modeling import apply_peft, build_sequence_classifier
-from fish_lightning.module import SequenceClassifier
+from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
+from fish_lightning.app.classifier import SequenceClassifier
 
 TINY = dict(
     vocab_size=100,

@@ -13,10 +13,10 @@ from torch import nn
 
 from conftest import SnapshotAtFreeze, make_trainer, params_of
 from fish_lightning import FisherMaskCallback
-from fish_lightning.adapters import BottleneckAdapter, add_adapters
-from fish_lightning.candidates import ALWAYS_TRAINED_ATTR, check_supported, find_candidates
-from fish_lightning.modeling import ADDED_TENSORS, PEFT_METHODS, apply_peft, build_sequence_classifier
-from fish_lightning.module import SequenceClassifier
+from fish_lightning.adapters.bottleneck import BottleneckAdapter, add_adapters
+from fish_lightning.adapters.models import ADDED_TENSORS, PEFT_METHODS, apply_peft, build_sequence_classifier
+from fish_lightning.app.classifier import SequenceClassifier
+from fish_lightning.core.candidates import ALWAYS_TRAINED_ATTR, check_supported, find_candidates
 from test_peft_e2e import TINY, token_batches
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "fish_lightning" / "conf" / "peft"
@@ -57,7 +57,7 @@ EXPECTED = {
 
 def config_of(method: str) -> dict:
     cfg = yaml.safe_load((CONF / f"{method}.yaml").read_text())
-    assert cfg.pop("_target_") == "fish_lightning.modeling.apply_peft" and cfg.pop("_partial_") is True
+    assert cfg.pop("_target_") == "fish_lightning.adapters.models.apply_peft" and cfg.pop("_partial_") is True
     return cfg
 
 
@@ -68,8 +68,8 @@ def tiny_module(method: str, **overrides) -> SequenceClassifier:
 
 
 def test_every_method_has_a_config():
-    # decoder configs (fish_lightning.decoders.apply_decoder_peft, e.g. lora_decoder) are tested in test_causal_lm.py
-    stems = {p.stem for p in CONF.glob("*.yaml") if "fish_lightning.decoders." not in p.read_text()}
+    # decoder configs (fish_lightning.adapters.decoders.apply_decoder_peft, e.g. lora_decoder): test_causal_lm.py
+    stems = {p.stem for p in CONF.glob("*.yaml") if "fish_lightning.adapters.decoders." not in p.read_text()}
     assert stems == set(PEFT_METHODS) - {"adalora"}  # adalora: refused by FISH
     assert set(EXPECTED) == stems
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fish_lightning.report import CRASHED, collect_runs, main, summarize, write_report
+from fish_lightning.app.report import CRASHED, collect_runs, main, summarize, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fish_lightning.selection import (
+from fish_lightning.core.selection import (
     TieWarning,
     density_report,
     num_kept,

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from fish_lightning.selection import TieWarning, num_kept, select_masks, select_masks_sharded, topk_mask
+from fish_lightning.core.selection import TieWarning, num_kept, select_masks, select_masks_sharded, topk_mask
 
 
 class ThreadGroup:

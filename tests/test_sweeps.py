@@ -18,8 +18,8 @@ import pytest
 import submitit
 from omegaconf import OmegaConf
 
-from fish_lightning.report import build_report
-from fish_lightning.sweeps import TorchThreads, available_cpus
+from fish_lightning.app.report import build_report
+from fish_lightning.app.sweeps import TorchThreads, available_cpus
 
 TINY = ["experiment=smoke", "data.train_samples=64", "data.val_samples=32", "fish.warmup_steps=2",
         "trainer.enable_progress_bar=false", "logger=none"]  # fmt: skip
@@ -36,7 +36,7 @@ def _stop_joblib_workers():
 
 def multirun(args: list[str], sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``fish-train -m ARGS`` in this process (its jobs run where the launcher puts them)."""
-    from fish_lightning.train import main
+    from fish_lightning.app.train import main
 
     monkeypatch.setenv("FISH_CACHE_DIR", str(sweep.parent / "cache"))
     monkeypatch.setattr(sys, "argv", ["fish-train", "-m", *TINY, *args, f"hydra.sweep.dir={sweep}"])

@@ -8,15 +8,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from fish_lightning import _compat
+
 __version__ = "0.1.0"
 _EXPORTS = {
     "FisherMaskCallback": "fish_lightning.callback",
-    "TieWarning": "fish_lightning.selection",
-    "num_kept": "fish_lightning.selection",
-    "select_masks": "fish_lightning.selection",
-    "sparsity_for_kept": "fish_lightning.budget",
+    "TieWarning": "fish_lightning.core.selection",
+    "num_kept": "fish_lightning.core.selection",
+    "select_masks": "fish_lightning.core.selection",
+    "sparsity_for_kept": "fish_lightning.core.budget",
 }
 __all__ = [*_EXPORTS, "__version__"]
+
+_compat.install()  # 0.1.0 module paths (fish_lightning.modeling, ...) keep importing, with a warning
 
 
 def __getattr__(name: str) -> Any:

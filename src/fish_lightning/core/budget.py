@@ -1,7 +1,7 @@
 """Budget matching: the sparsity at which FISH trains exactly as many entries as a reference.
 
 Counts are numbers of scalar entries. A model's trainable entries split into its FISH
-*candidates* (:func:`~fish_lightning.candidates.find_candidates`) and its *always-trained*
+*candidates* (:func:`~fish_lightning.core.candidates.find_candidates`) and its *always-trained*
 entries (trainable but not candidates, e.g. the classifier head peft saves whole).
 """
 
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from fish_lightning.candidates import find_candidates
-from fish_lightning.selection import num_kept
+from fish_lightning.core.candidates import find_candidates
+from fish_lightning.core.selection import num_kept
 
 Patterns = Sequence[str] | str | None
 

@@ -22,16 +22,16 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fish_lightning.adapter_init import SEEDED_METHODS, seeded_init_
-from fish_lightning.budget import count_candidates, match_kept, sparsity_for_kept
-from fish_lightning.callback import FisherMaskCallback
-from fish_lightning.candidates import find_candidates
-from fish_lightning.causal_lm import CausalLM
-from fish_lightning.export import save_sparse
-from fish_lightning.instruct import InstructionData
-from fish_lightning.modeling import count_trainable
-from fish_lightning.module import SequenceClassifier
-from fish_lightning.selection import density_report
+from fish_lightning.adapters.export import save_sparse
+from fish_lightning.adapters.models import count_trainable
+from fish_lightning.adapters.seeded_init import SEEDED_METHODS, seeded_init_
+from fish_lightning.app.causal_lm import CausalLM
+from fish_lightning.app.classifier import SequenceClassifier
+from fish_lightning.app.instruction_data import InstructionData
+from fish_lightning.callback.fisher_mask import FisherMaskCallback
+from fish_lightning.core.budget import count_candidates, match_kept, sparsity_for_kept
+from fish_lightning.core.candidates import find_candidates
+from fish_lightning.core.selection import density_report
 
 log = logging.getLogger("fish_lightning")
 
@@ -57,7 +57,7 @@ def _check_causal_pairing(cfg: DictConfig, data: Any) -> None:
     if not causal and isinstance(data, InstructionData):
         raise ConfigError(f"data={cfg.data.task} is instruction data for causal LMs but model={model} is a "
                           "classifier: use model=tiny_gpt2, tiny_llama, gpt2 or tinyllama")  # fmt: skip
-    decoder_peft = str(cfg.peft.get("_target_", "")).startswith("fish_lightning.decoders.")
+    decoder_peft = str(cfg.peft.get("_target_", "")).startswith("fish_lightning.adapters.decoders.")
     if causal and not decoder_peft and cfg.peft.get("method") != "none":
         raise ConfigError(f"model={model} is a causal LM: use peft=lora_decoder (LoRA on every projection) or "
                           f"peft=none, not peft method {cfg.peft.get('method')!r} set up for classifiers")  # fmt: skip
@@ -106,7 +106,7 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def _budget_kept(cfg: DictConfig, fish_kwargs: dict[str, Any], model: torch.nn.Module | None = None) -> int | None:
-    """Kept candidate entries the budget asks for (:func:`fish_lightning.budget.match_kept`), or ``None``.
+    """Kept candidate entries the budget asks for (:func:`fish_lightning.core.budget.match_kept`), or ``None``.
 
     The reference is ``budget.kept`` (an absolute number of trainable entries) or the same peft
     method at rank ``budget.r``. ``budget.count_always_trained``: ``False`` matches candidate
@@ -257,7 +257,7 @@ def config_error(err: BaseException) -> ValueError | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         record = run(cfg)

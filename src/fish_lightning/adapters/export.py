@@ -3,7 +3,7 @@
 One ``.safetensors`` file holds, for each masked tensor, the kept entries' values and their
 positions (a packed bitmask or gap-encoded flat indices, whichever is smaller for that tensor),
 every other trainable tensor (e.g. the classifier head) dense, and JSON metadata (the peft config,
-the :func:`~fish_lightning.adapter_init.seeded_init_` seed, shapes and encodings).
+the :func:`~fish_lightning.adapters.seeded_init.seeded_init_` seed, shapes and encodings).
 
 Frozen entries are *not* stored: the loader rebuilds them. That is exact only when they still hold
 their fit-start values and those values can be rebuilt: LoRA/DoRA tensors initialised with
@@ -13,9 +13,9 @@ calibration_samples=N)``) or frozen entries rewound to their fit-start values. :
 checks every frozen entry bit for bit against that reference and stores a tensor dense (with a
 :class:`DenseFallbackWarning`) when they differ, so a file never loads to a different model.
 
-Layout (``NAME`` is the canonical parameter name, see :mod:`fish_lightning.adapter_init`):
+Layout (``NAME`` is the canonical parameter name, see :mod:`fish_lightning.adapters.seeded_init`):
 ``NAME`` (dense tensor), ``NAME:values`` (kept values, flat order), ``NAME:bitmask`` (uint8,
-:func:`~fish_lightning.masking.pack_mask`) or ``NAME:gaps`` (``idx[i] - idx[i-1] - 1`` with
+:func:`~fish_lightning.core.masking.pack_mask`) or ``NAME:gaps`` (``idx[i] - idx[i-1] - 1`` with
 ``idx[-1] = -1``, in the smallest of uint8/uint16/uint32/int64 that holds the largest gap);
 metadata key ``"fish_sparse"`` (JSON). Pure torch + peft + safetensors; no Lightning import.
 """
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fish_lightning.adapter_init import (
+from fish_lightning.adapters.seeded_init import (
     adapter_tensors,
     canonical_names,
     find_tuner,
@@ -43,7 +43,7 @@ from fish_lightning.adapter_init import (
     recorded_seed,
     seeded_init_,
 )
-from fish_lightning.masking import pack_mask, unpack_mask
+from fish_lightning.core.masking import pack_mask, unpack_mask
 
 FORMAT = "fish-sparse"
 VERSION = 1
@@ -138,11 +138,11 @@ def save_sparse(
         masks: name -> bool tensor of the parameter's shape, True = trained entry.
         peft_config: the ``PeftConfig`` (or its ``to_dict()``) to store; default: the model's own
             (its single / active adapter). Needed by :func:`load_sparse_into_base`.
-        init_seed: the :func:`~fish_lightning.adapter_init.seeded_init_` seed; default: the one
+        init_seed: the :func:`~fish_lightning.adapters.seeded_init.seeded_init_` seed; default: the one
             recorded on ``model`` by that call. Without it, LoRA ``A`` tensors cannot be rebuilt.
         base_model: an untouched copy of the base model the loader will get (not modified: a deep
             copy is wrapped like :func:`load_sparse_into_base` does). It gives the reference of
-            masked tensors :func:`~fish_lightning.adapter_init.init_values` cannot rebuild: other
+            masked tensors :func:`~fish_lightning.adapters.seeded_init.init_values` cannot rebuild: other
             peft methods' deterministic inits (IA3, VeRA, PiSSA, ...), base weights under full
             fine-tuning.
         reference_state: name (as in ``model`` or canonical) -> the value the loader's fresh model

@@ -3,7 +3,7 @@
 Pure torch; no Lightning import. FISH keeps its Fisher accumulators, scores and masks per rank for
 the rank's own shard only: ``local(t)`` is the tensor every elementwise operation works on, and
 :func:`shard_range` places that shard in the whole tensor's row-major flattening, which is what the
-global top-k (:func:`fish_lightning.selection.select_masks_sharded`) needs. Supported: a 1-D device
+global top-k (:func:`fish_lightning.core.selection.select_masks_sharded`) needs. Supported: a 1-D device
 mesh with ``Shard(0)`` (FSDP2's layout) or ``Replicate()``; anything else (tensor parallel
 ``Shard(1)``, HSDP's 2-D mesh) is refused with the placement named.
 """

@@ -1,7 +1,7 @@
 """FISH calibration (the original FISH procedure): the Fisher from true per-example gradients of
 training examples, computed without updating anything, with the model in eval mode.
 
-Lightning-level helpers used by :class:`~fish_lightning.callback.FisherMaskCallback`.
+Lightning-level helpers used by :class:`~fish_lightning.callback.fisher_mask.FisherMaskCallback`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from fish_lightning.fisher import batch_size, per_example_fisher_hooks, slice_batch, zeros_like_params
+from fish_lightning.core.fisher import batch_size, per_example_fisher_hooks, slice_batch, zeros_like_params
 
 
 def calibrate_fisher(

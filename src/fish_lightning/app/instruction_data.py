@@ -27,8 +27,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from fish_lightning.causal_lm import IGNORE_INDEX, CausalLM
-from fish_lightning.data import TASKS, DataError, read_hub, read_tsv, split_file, subsample
+from fish_lightning.app.causal_lm import IGNORE_INDEX, CausalLM
+from fish_lightning.app.classification_data import TASKS, DataError, read_hub, read_tsv, split_file, subsample
 
 SOURCES = ("jsonl", "hub", "sst2")
 SST2_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
@@ -126,7 +126,7 @@ def instruction_collate(pad_id: int):
 
 
 class InstructionData(pl.LightningDataModule):
-    """Tokenised instruction/response train and validation splits for :class:`~fish_lightning.causal_lm.CausalLM`.
+    """Tokenised instruction/response train and validation splits for :class:`~fish_lightning.app.causal_lm.CausalLM`.
 
     Args:
         source: one of :data:`SOURCES` (see the module doc).
@@ -265,7 +265,7 @@ class InstructionData(pl.LightningDataModule):
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        from fish_lightning.modeling import resolve_model_path
+        from fish_lightning.adapters.models import resolve_model_path
 
         return AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fish_lightning.candidates import ALWAYS_TRAINED_ATTR
+from fish_lightning.core.candidates import ALWAYS_TRAINED_ATTR
 
 #: style -> (adapter after the attention output, adapter after the FFN output, default non-linearity);
 #: positions and non-linearities as AdapterHub's DoubleSeqBnConfig (houlsby) and SeqBnConfig (pfeiffer).

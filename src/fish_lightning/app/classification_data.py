@@ -272,7 +272,7 @@ class TextClassificationData(pl.LightningDataModule):
     def _tokenized(self, split: str, n: int | None) -> list[dict[str, Any]]:
         from transformers import AutoTokenizer
 
-        from fish_lightning.modeling import resolve_model_path
+        from fish_lightning.adapters.models import resolve_model_path
 
         rows, source = self._rows(split)
         rows = subsample(rows, n, self.subsample_seed)

@@ -95,8 +95,8 @@ def apply_peft(model: nn.Module, method: str = "lora", **config: Any) -> nn.Modu
       (``init_lora_weights="pissa"`` unless a ``"pissa_niter_<k>"`` variant is given): ``peft.LoraConfig``.
     - ``"adalora"``, ``"ia3"``, ``"loha"``, ``"lokr"``, ``"vera"``: the matching peft config
       (``AdaLoraConfig`` needs ``total_step``; FISH refuses AdaLoRA, see
-      :func:`fish_lightning.candidates.check_supported`).
-    - ``"houlsby"``, ``"pfeiffer"``: our bottleneck adapters, :func:`fish_lightning.adapters.add_adapters`.
+      :func:`fish_lightning.core.candidates.check_supported`).
+    - ``"houlsby"``, ``"pfeiffer"``: our bottleneck adapters, :func:`fish_lightning.adapters.bottleneck.add_adapters`.
 
     ``config`` goes to that config class / function. peft methods default to
     ``task_type="SEQ_CLS"``, with which peft keeps the classifier head trainable as a whole
@@ -110,7 +110,7 @@ def apply_peft(model: nn.Module, method: str = "lora", **config: Any) -> nn.Modu
             raise ValueError(f"peft method 'none' (full fine-tuning) takes no options, got {sorted(config)}")
         return model
     if method in ("houlsby", "pfeiffer"):
-        from fish_lightning.adapters import add_adapters
+        from fish_lightning.adapters.bottleneck import add_adapters
 
         return add_adapters(model, style=method, **config)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fish_lightning.modeling import apply_peft
+from fish_lightning.adapters.models import apply_peft
 
 #: ``config.model_type`` -> names (suffixes) of the linear projections of each block: attention and
 #: MLP, never the embeddings or the LM head. GPT-2's are ``transformers`` ``Conv1D`` layers (weight

@@ -4,7 +4,7 @@ peft draws LoRA ``A`` from the *global* torch RNG, so its fit-start value depend
 drew random numbers before the wrap. :func:`seeded_init_` redraws every adapter tensor from its own
 ``torch.Generator`` seeded by ``(seed, name)``, with peft's default distributions, so that any process
 can rebuild the fit-start adapter exactly (:func:`init_values`). The sparse exporter
-(:mod:`fish_lightning.export`) relies on this to store only the entries training changed.
+(:mod:`fish_lightning.adapters.export`) relies on this to store only the entries training changed.
 
 Names are *canonical*: relative to the model the peft tuner wraps (``tuner.model``), e.g.
 ``bert.encoder.layer.0.attention.self.query.lora_A.default.weight``, whether the module handed in is

@@ -5,11 +5,11 @@ Lifecycle, in optimizer steps:
 1. **Dense warmup.** All candidates train. Unless ``calibration_samples`` is set, the first
    ``warmup_steps`` optimizer steps feed the Fisher: by default the exact sum of squared
    per-example gradients, captured by hooks from the training backward itself
-   (:class:`~fish_lightning.fisher.PerExampleSquaredGrads`); with ``fisher_estimator="batch_grad"``
+   (:class:`~fish_lightning.core.fisher.PerExampleSquaredGrads`); with ``fisher_estimator="batch_grad"``
    the squared (unscaled) mini-batch gradient of each step, a cheaper proxy.
 2. **Freeze.** At the start of epoch ``mask_epoch`` (or right after warmup when it is ``None``),
    the Fisher is averaged across ranks, exactly ``k = round((1 - sparsity) * n)`` entries are
-   kept (:func:`~fish_lightning.selection.select_masks`), and the Fisher buffers are freed.
+   kept (:func:`~fish_lightning.core.selection.select_masks`), and the Fisher buffers are freed.
    With ``calibration_samples`` the Fisher is computed at this point instead, from true
    per-example gradients of that many training examples (the original FISH procedure).
 3. **Masked training.** Frozen entries get zero gradient (so they drop out of gradient
@@ -34,17 +34,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fish_lightning.calibration import calibrate_fisher
-from fish_lightning.candidates import check_supported, find_candidates, validate_patterns
-from fish_lightning.fisher import (
+from fish_lightning.callback.calibration import calibrate_fisher
+from fish_lightning.core.candidates import check_supported, find_candidates, validate_patterns
+from fish_lightning.core.fisher import (
     PerExampleSquaredGrads,
     accumulate_squared_grads,
     batch_size,
     nonfinite_grads,
     zeros_like_params,
 )
-from fish_lightning.masking import FrozenEntryGuard, mask_gradients, pack_mask, unpack_mask
-from fish_lightning.selection import (
+from fish_lightning.core.masking import FrozenEntryGuard, mask_gradients, pack_mask, unpack_mask
+from fish_lightning.core.selection import (
     SCOPES,
     SELECTIONS,
     num_kept,
@@ -52,7 +52,7 @@ from fish_lightning.selection import (
     select_masks_sharded,
     selection_scores,
 )
-from fish_lightning.sharding import (
+from fish_lightning.core.sharding import (
     check_placements,
     gather_full,
     is_sharded,
@@ -61,7 +61,7 @@ from fish_lightning.sharding import (
     reduce_scatter_sum,
     shard_range,
 )
-from fish_lightning.sparse_state import CompactOptimizer, frozen_digest, zero_state_entries
+from fish_lightning.core.sparse_state import CompactOptimizer, frozen_digest, zero_state_entries
 
 _NEEDS_FISHER = ("fisher", "reverse")
 ESTIMATORS = ("per_example", "batch_grad")
@@ -99,7 +99,7 @@ class FisherMaskCallback(Callback):
         rewind_frozen: at the freeze, reset frozen entries to their values at fit start (keeps one
             copy of the candidates until the freeze).
         sparse_optimizer_state: from the freeze on, the optimizer trains compact tensors of the
-            kept entries (:class:`~fish_lightning.sparse_state.CompactOptimizer`), so its state
+            kept entries (:class:`~fish_lightning.core.sparse_state.CompactOptimizer`), so its state
             (and the gradients it sees) scale with the kept entries; frozen entries leave it.
         strict: make :meth:`verify` at the end of ``fit`` raise instead of warn when a frozen entry
             moved.

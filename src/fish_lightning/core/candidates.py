@@ -14,7 +14,8 @@ from torch import nn
 _MODULES_TO_SAVE = re.compile(r"(^|\.)modules_to_save\.")
 
 #: Module attribute: when ``True``, the module's parameters are never default candidates (they stay
-#: fully trainable), like peft's ``modules_to_save`` copies. Set by :func:`fish_lightning.adapters.add_adapters`
+#: fully trainable), like peft's ``modules_to_save`` copies. Set by
+#: :func:`fish_lightning.adapters.bottleneck.add_adapters`
 #: on the classifier head; set it on any module of your own to the same effect.
 ALWAYS_TRAINED_ATTR = "fish_always_trained"
 
@@ -103,7 +104,7 @@ def check_supported(model: nn.Module) -> None:
             raise ValueError(
                 "FISH does not support AdaLoRA (peft AdaLoraConfig): AdaLoRA prunes lora_E entries in place "
                 "with its own rank budget (update_and_allocate), which conflicts with the FISH mask; "
-                "use peft method 'lora' or 'dora' (optionally at a matched budget, see fish_lightning.budget)"
+                "use peft method 'lora' or 'dora' (optionally at a matched budget, see fish_lightning.core.budget)"
             )
 
 

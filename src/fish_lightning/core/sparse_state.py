@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from fish_lightning.sharding import local
+from fish_lightning.core.sharding import local
 
 
 class CompactOptimizer:

@@ -20,27 +20,28 @@ from typing import Any
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from fish_lightning.adapter_init import SEEDED_METHODS, seeded_init_
-from fish_lightning.data import TextClassificationData
-from fish_lightning.modeling import apply_peft, build_sequence_classifier
-from fish_lightning.module import SequenceClassifier
+from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
+from fish_lightning.adapters.seeded_init import SEEDED_METHODS, seeded_init_
+from fish_lightning.app.classification_data import TextClassificationData
+from fish_lightning.app.classifier import SequenceClassifier
 
 SEEDED_INIT = SEEDED_METHODS  # per-tensor seeded adapter init (reproducible, exportable sparsely), as fish-train
 
 
 class PeftSequenceClassifier(SequenceClassifier):
-    """A :class:`~fish_lightning.module.SequenceClassifier` that builds its peft-wrapped model from plain settings.
+    """A :class:`~fish_lightning.app.classifier.SequenceClassifier` that builds its peft-wrapped model from plain
+    settings.
 
     Args:
         model_name: a local directory or hub id for ``from_pretrained``, or ``"minilm"`` (the packaged, offline
             MiniLM-L6); ``None`` with ``tiny_config``.
         num_labels: classes (``1``: regression); ``fish-cli`` links it to ``data.num_labels``.
-        peft: a method of :data:`fish_lightning.modeling.PEFT_METHODS` (``"none"``: full fine-tuning).
+        peft: a method of :data:`fish_lightning.adapters.models.PEFT_METHODS` (``"none"``: full fine-tuning).
         peft_kwargs: options of that method's config, e.g. ``{r: 8, lora_alpha: 16, target_modules: [query, value]}``.
         tiny_config: ``BertConfig`` options of a small randomly initialised BERT (tests, smoke runs).
-        model_kwargs: further options of :func:`~fish_lightning.modeling.build_sequence_classifier`.
+        model_kwargs: further options of :func:`~fish_lightning.adapters.models.build_sequence_classifier`.
         seed: seed of the tiny model's weights and of the LoRA/DoRA/rsLoRA adapter init (per-tensor seeds).
-        metrics, lr, weight_decay, warmup_ratio: as :class:`~fish_lightning.module.SequenceClassifier`
+        metrics, lr, weight_decay, warmup_ratio: as :class:`~fish_lightning.app.classifier.SequenceClassifier`
             (``fish-cli`` links ``metrics`` to ``data.metrics``).
     """
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
-from fish_lightning.module import adamw_linear_warmup
+from fish_lightning.app.classifier import adamw_linear_warmup
 
 IGNORE_INDEX = -100
 
@@ -69,7 +69,7 @@ class Perplexity(torchmetrics.Metric):
 
 class CausalLM(pl.LightningModule):
     """Trains a causal LM on batches of ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` =
-    not scored), as built by :class:`fish_lightning.instruct.InstructionData`.
+    not scored), as built by :class:`fish_lightning.app.instruction_data.InstructionData`.
 
     Validation logs ``val/loss`` (mean over sequences of their mean response-token NLL, the training
     objective), ``val/perplexity`` (exp of the mean NLL over all response tokens) and

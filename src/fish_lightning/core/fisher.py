@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fish_lightning.sharding import local
+from fish_lightning.core.sharding import local
 
 LossFn = Callable[[Any], Tensor]
 
