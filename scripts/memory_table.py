@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fish_lightning.callback.distributed import REDUCE_BUCKET_ENTRIES
 from fish_lightning.core.candidates import find_candidates
 from fish_lightning.core.selection import num_kept
 
@@ -51,7 +52,7 @@ LLAMA2_7B = dict(
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FP32, BOOL, INT64 = 4, 1, 8
 ADAM_STEP = 4  # AdamW's per-tensor ``step`` (a 0-dim fp32 tensor)
-REDUCE_BUCKET = 1 << 22  # entries per all-reduce of callback._reduce_mean (its default bucket)
+REDUCE_BUCKET = REDUCE_BUCKET_ENTRIES  # entries per all-reduce of the Fisher at the freeze
 MiB = 2**20
 TIE_TEMPS = BOOL + 2 * INT64  # selection's largest per-tensor temporaries: tied bools, int64 copy, running count
 
@@ -325,13 +326,13 @@ def verdict(mem: FishMemory, freeze_peak: FreezePeak | None = None) -> list[str]
             f"selection's allocations peak at {_mib(total)} MiB ({_per(total, n)} B/candidate), "
             f"{_ratio(total, adam)} AdamW's dense state, which is allocated at the same time."
         )
-        # DDP: _reduce_mean all-reduces in place in buckets (a bucket's flat copy + its averaged copy next to
+        # DDP: reduce_mean_ all-reduces in place in buckets (a bucket's flat copy + its averaged copy next to
         # cb.fisher); then the selection, and rank 0's packed masks unpacked next to the selected ones
         bucket = min(mem.fisher_fp32, 2 * FP32 * REDUCE_BUCKET)
         ddp = max(mem.fisher_fp32 + bucket, mem.fisher_fp32 + freeze_peak.peak + mem.mask_packed + mem.mask_bool)
         lines.append(
             f"- **At the freeze under DDP (per rank, counted from the code path): {_yes_no(ddp, adam)}.** The "
-            f"larger of `cb.fisher` + one all-reduce bucket of `_reduce_mean` (in place, {REDUCE_BUCKET:,} entries "
+            f"larger of `cb.fisher` + one all-reduce bucket of `reduce_mean_` (in place, {REDUCE_BUCKET:,} entries "
             f"at most, flat copy + averaged copy), and the reduced Fisher + the "
             f"selection's peak + rank 0's masks (packed, then unpacked next to the selected ones): {_mib(ddp)} MiB "
             f"({_per(ddp, n)} B/candidate), {_ratio(ddp, adam)} AdamW's dense state (see the notes)."
@@ -378,7 +379,7 @@ def notes(mem: FishMemory, freeze_peak: FreezePeak | None = None) -> list[str]:
         "carries the Fisher (4 B/candidate).",
         "- Gradients of the LoRA weights (4 B/candidate in fp32) exist with or without FISH; with "
         "`sparse_optimizer_state` the dense `.grad` is released once the kept entries are gathered.",
-        "- Per rank under DDP: every rank holds all of the above. At the freeze `_reduce_mean` averages the Fisher "
+        "- Per rank under DDP: every rank holds all of the above. At the freeze `reduce_mean_` averages the Fisher "
         f"in place, in all-reduces of at most {REDUCE_BUCKET:,} consecutive entries (a flat fp32 copy of one bucket "
         f"and its averaged copy: {_mib(2 * FP32 * REDUCE_BUCKET)} MiB at most), and rank 0's masks are broadcast "
         "bit-packed and unpacked into new bool masks (1 B/candidate more while the selected ones are replaced).",

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fish_lightning import FisherMaskCallback  # noqa: E402
 from fish_lightning.app.classifier import SequenceClassifier  # noqa: E402
+from fish_lightning.callback.distributed import gather_whole  # noqa: E402
 from test_peft_e2e import lora_module, token_batches  # noqa: E402
 
 
@@ -48,12 +49,16 @@ class Record(pl.Callback):
             self.at_freeze = {n: full(p).detach().clone() for n, p in pl_module.named_parameters()}
 
     def on_train_end(self, trainer, pl_module):
-        fish = self.fish
+        fish, params = self.fish, dict(pl_module.named_parameters())
+
+        def whole(t, n):
+            return gather_whole(t, params[n]) if n in fish.sharded else t
+
         record = {
-            "masks": {n: fish._whole(m, n) for n, m in fish.masks.items()},
-            "fisher": {n: fish._whole(f, n) for n, f in (fish.fisher or {}).items()},
+            "masks": {n: whole(m, n) for n, m in fish.masks.items()},
+            "fisher": {n: whole(f, n) for n, f in (fish.fisher or {}).items()},
             "local_shapes": {n: tuple(m.shape) for n, m in fish.masks.items()},
-            "sharded": sorted(fish._sharded),
+            "sharded": sorted(fish.sharded),
             "kept": fish.num_kept,
             "verify": fish.verify(pl_module),
             "at_freeze": self.at_freeze,

@@ -65,7 +65,7 @@ def test_sparsity_zero_equals_no_callback():
 def test_mask_epoch_none_freezes_right_after_warmup():
     cb = FisherMaskCallback(sparsity=0.5, warmup_steps=3, mask_epoch=None)
     fit(cb, max_epochs=1)
-    assert cb.frozen and cb._frozen_at_step == 3 and cb._warmup_done == 3
+    assert cb.frozen and cb.freeze_step == 3 and cb.warmup_steps_done == 3
 
 
 def test_warmup_fisher_batch_grad_is_sum_of_squared_step_gradients():
@@ -100,7 +100,7 @@ def test_warmup_fisher_per_example_matches_loop_over_warmup_batches(accumulate):
 
     cb = FisherMaskCallback(sparsity=0.5, warmup_steps=3, mask_epoch=1, keep_fisher=True)
     fit(cb, max_epochs=2, extra=[LoopReference()], accumulate_grad_batches=accumulate)
-    assert cb.fisher_estimator == "per_example" and cb._per_example is None  # hooks gone after warmup
+    assert cb.estimator_in_use == "per_example" and cb.warmup.hooks is None  # hooks gone after warmup
     for name, f in cb.fisher.items():
         torch.testing.assert_close(f, ref[name], rtol=1e-5, atol=1e-9)
 
@@ -130,7 +130,7 @@ def test_calibration_fisher_matches_brute_force():
     model.zero_grad()
     cb = FisherMaskCallback(sparsity=0.7, warmup_steps=0, mask_epoch=None, calibration_samples=20, keep_fisher=True)
     fit(cb, max_epochs=1, model=TinyClassifier(), loader=loader)
-    assert cb._fisher_examples == 20 and cb._frozen_at_step == 0
+    assert cb.calibration_examples == 20 and cb.freeze_step == 0
     for n in ref:
         torch.testing.assert_close(cb.fisher[n], ref[n], rtol=1e-5, atol=1e-8)
 
@@ -214,7 +214,7 @@ def test_nonfinite_warmup_gradient_warns_and_is_skipped():
     cb = FisherMaskCallback(sparsity=0.5, warmup_steps=3, mask_epoch=1)
     with pytest.warns(UserWarning, match=r"non-finite gradient nan in 'net\.0\.weight'"):
         fit(cb, max_epochs=2, model=NaNOnce())
-    assert cb._skipped_nonfinite >= 1 and cb._warmup_done == 3
+    assert cb.skipped_nonfinite_steps >= 1 and cb.warmup_steps_done == 3
 
 
 @pytest.mark.parametrize(
@@ -296,7 +296,7 @@ def test_sparse_state_refused_with_grad_scaler():
 def test_reduce_mean_is_in_place_and_bucketed():
     from types import SimpleNamespace
 
-    from fish_lightning.callback.fisher_mask import _reduce_mean
+    from fish_lightning.callback.distributed import reduce_mean_ as _reduce_mean
 
     sizes = []
 

@@ -196,7 +196,7 @@ def test_fit_through_the_callback(arch):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "FISH: per-example Fisher is not exact")  # no fallback allowed
         make_trainer([cb, snap], max_epochs=2).fit(module, loader, loader)
-    assert cb.fisher_estimator == "per_example"
+    assert cb.estimator_in_use == "per_example"
     assert rel_err(cb.fisher, oracle) < 1e-5  # warmup step 1 = the first batch at the initial weights
     n = sum(p.numel() for p in module.parameters() if p.requires_grad)
     assert set(cb.masks) == set(oracle) and cb.num_candidates == n and cb.num_kept == round(0.1 * n)

@@ -106,7 +106,7 @@ class _Probe(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.fish.fisher is not None and not self.fish.frozen:
             self.fisher_bytes.add(_nbytes(self.fish.fisher.values()))
-            hooks = self.fish._per_example  # PerExampleSquaredGrads while attached
+            hooks = self.fish.warmup.hooks  # PerExampleSquaredGrads while attached
             self.direct.add(hooks.direct if hooks else None)
             # every distinct fp32 buffer FISH holds in warmup (Fisher and hooks' sums, counted once by storage)
             buffers = [*self.fish.fisher.values(), *(hooks.sums.values() if hooks else ())]
@@ -117,7 +117,7 @@ class _Probe(pl.Callback):
         opt = trainer.optimizers[0]
         self.state_bytes = _nbytes(v for st in opt.state.values() for v in st.values())
         self.steps = 4 * len(opt.state)
-        pairs = [pair for c in self.fish._compact for pair in c.pairs]  # sparse_state.CompactOptimizer
+        pairs = [pair for c in self.fish.enforcer.compact for pair in c.pairs]  # sparse_state.CompactOptimizer
         self.index_bytes, self.value_bytes = _nbytes(i for _, i, _ in pairs), _nbytes(c for _, _, c in pairs)
 
 
@@ -149,7 +149,7 @@ def test_counts_are_what_the_callback_allocates(sparse_state):
     probe = _Probe(cb)
     make_trainer([probe, cb], max_epochs=1, limit_val_batches=0).fit(module, lm_loader())
     # per_example (the default): the hooks add into cb.fisher, so warmup holds the Fisher only
-    assert cb.fisher_estimator == "per_example" and probe.direct == {True}
+    assert cb.estimator_in_use == "per_example" and probe.direct == {True}
     assert probe.fisher_bytes == probe.warmup_bytes == {mem.warmup_per_example}
     gc.collect()
     assert probe.accumulators and all(ref() is None for ref in probe.accumulators)  # freed after the freeze

@@ -187,7 +187,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                       sparsity=fish.sparsity)  # fmt: skip
         if trainer.is_global_zero:
             stats = {"kept": fish.num_kept, "candidates": fish.num_candidates,
-                     "frozen_at_step": fish._frozen_at_step, "density": density_report(fish.masks)}  # fmt: skip
+                     "frozen_at_step": fish.freeze_step, "density": density_report(fish.masks)}  # fmt: skip
             (out_dir / "mask_stats.json").write_text(json.dumps(stats, indent=1))
             if cfg.get("export"):
                 exp = save_sparse(module, fish.masks, out_dir / "adapter.fish.safetensors")

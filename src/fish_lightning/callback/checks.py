@@ -1,0 +1,67 @@
+"""What the callback refuses at fit start, each with the reason and what would work instead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from fish_lightning.callback.settings import FishSettings
+from fish_lightning.core.candidates import check_supported
+from fish_lightning.core.sharding import check_placements, is_sharded
+
+
+def check_fit(settings: FishSettings, trainer: Any, pl_module: nn.Module) -> None:
+    """The run's length, the model, precision and optimizers against the settings."""
+    max_epochs = trainer.max_epochs
+    if settings.mask_epoch is not None and max_epochs is not None and 0 <= max_epochs <= settings.mask_epoch:
+        raise ValueError(
+            f"mask_epoch={settings.mask_epoch} is past the run: Trainer(max_epochs={max_epochs}) "
+            f"trains epochs 0..{max_epochs - 1}; use mask_epoch < max_epochs or mask_epoch=None"
+        )
+    check_supported(pl_module)
+    if settings.sparse_optimizer_state and getattr(trainer.precision_plugin, "scaler", None) is not None:
+        raise ValueError(
+            "sparse_optimizer_state=True does not support fp16 mixed precision with a GradScaler (the scaler "
+            "unscales the optimizer's compact tensors before their gradients exist): use precision='bf16-mixed' "
+            "or '32-true', or sparse_optimizer_state=False"
+        )
+    if len(trainer.optimizers) > 1:
+        rank_zero_warn(
+            f"FISH assumes one optimizer; this run has {len(trainer.optimizers)}: warmup steps and the Fisher "
+            "are counted per optimizer.step() call"
+        )
+
+
+def check_strategy(settings: FishSettings, trainer: Any, params: dict[str, nn.Parameter]) -> set[str]:
+    """Refuse strategies FISH cannot hold frozen entries under; return the candidates FSDP2 split across ranks."""
+    for n, p in params.items():
+        check_placements(p, f"candidate {n!r}")
+    sharded = {n for n, p in params.items() if is_sharded(p)}
+    strategy = type(trainer.strategy).__name__
+    if "deepspeed" in strategy.lower():
+        raise ValueError(
+            f"FISH does not support {strategy}: DeepSpeed keeps its own fp32 master partitions of the "
+            "parameters and steps them itself, so frozen entries cannot be held fixed from a callback; use "
+            "strategy='ddp' or FSDP2 (ModelParallelStrategy with fully_shard)"
+        )
+    if strategy == "FSDPStrategy":
+        raise ValueError(
+            "FISH does not support FSDPStrategy (FSDP1): its flat parameters expose each rank's piece of a "
+            "candidate as a 1-D view, not a placed shard; use FSDP2: ModelParallelStrategy with fully_shard "
+            "in configure_model (see docs/distributed.md), or strategy='ddp'"
+        )
+    if not sharded:
+        return sharded
+    unsupported = {"sparse_optimizer_state": settings.sparse_optimizer_state,
+                   "reselect_every_n_steps": settings.reselect_every_n_steps is not None,
+                   "calibration_samples": settings.calibration_samples is not None}  # fmt: skip
+    bad = [k for k, on in unsupported.items() if on]
+    if bad:
+        raise ValueError(
+            f"FISH: {', '.join(bad)} is not supported with sharded parameters ({len(sharded)} FSDP2 "
+            f"candidates, e.g. {sorted(sharded)[0]!r}): use the warmup Fisher with a fixed mask and "
+            "the dense masked step, or a data-parallel strategy"
+        )
+    return sharded

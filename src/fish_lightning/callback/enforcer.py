@@ -1,0 +1,91 @@
+"""Keeps frozen entries frozen through the trainer's optimizers: guards (dense masked step) or compact
+optimizers (``sparse_optimizer_state``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from fish_lightning.core.masking import FrozenEntryGuard, mask_gradients
+from fish_lightning.core.sparse_state import CompactOptimizer, zero_state_entries
+
+
+class MaskEnforcer:
+    """Frozen-entry enforcement over a list of optimizers.
+
+    Dense (``sparse=False``): frozen gradients are zeroed and a :class:`FrozenEntryGuard` per optimizer writes the
+    frozen entries back after every step. Sparse: each optimizer is rewired to train compact tensors of the kept
+    entries (:class:`CompactOptimizer`).
+    """
+
+    def __init__(self, sparse: bool) -> None:
+        self.sparse = sparse
+        self.guards: list[FrozenEntryGuard] = []
+        self.compact: list[CompactOptimizer] = []
+        self._optimizers: list[Optimizer] = []
+
+    @property
+    def installed(self) -> bool:
+        return bool(self.guards or self.compact)
+
+    def covers(self, optimizers: Sequence[Optimizer]) -> bool:
+        """Installed on exactly these optimizer objects."""
+        return self.installed and len(optimizers) == len(self._optimizers) and all(
+            a is b for a, b in zip(optimizers, self._optimizers)
+        )
+
+    def install(
+        self, optimizers: Sequence[Optimizer], params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]
+    ) -> None:
+        """Enforce ``masks`` on ``optimizers`` (replacing what was installed before)."""
+        self.remove()
+        by_param = {params[n]: m for n, m in masks.items()}
+        self._optimizers = list(optimizers)
+        if self.sparse:
+            self.compact = [CompactOptimizer(opt, by_param) for opt in optimizers]
+            return
+        self.guards = [FrozenEntryGuard(opt, by_param, snapshot_in_pre_hook=False) for opt in optimizers]
+        covered = sum(g.num_guarded for g in self.guards)
+        partial = sum(1 for m in masks.values() if not bool(m.all()))
+        if covered < partial:
+            rank_zero_warn(
+                f"FISH: {partial - covered} masked tensors are in no optimizer of this trainer; they are not guarded"
+            )
+
+    def before_step(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
+        """Right before the optimizer step: compact gradients gathered, or frozen gradients zeroed and the
+        guarded tensors snapshot (now, not in the step pre-hook that precedes the closure)."""
+        if self.compact:
+            for c in self.compact:
+                c.gather_grads()
+            return
+        mask_gradients(params, masks)
+        for g in self.guards:
+            g.snapshot()
+
+    def reselect(
+        self, optimizers: Sequence[Optimizer], params: Mapping[str, nn.Parameter], old: Mapping[str, Tensor],
+        new: Mapping[str, Tensor],
+    ) -> None:  # fmt: skip
+        """Move to a re-selected mask: back to dense parameters (kept entries' state scattered back), newly kept
+        entries start with zero optimizer state, then enforce ``new``."""
+        for c in self.compact:
+            c.expand()
+        self.compact = []
+        self.remove()
+        for n, m in new.items():
+            newly = m & ~old[n]
+            for opt in optimizers:
+                zero_state_entries(opt, params[n], newly)
+        self.install(optimizers, params, new)
+
+    def remove(self) -> None:
+        """Detach every hook (the compact optimizers stay rewired: their state is what a checkpoint holds)."""
+        for g in self.guards:
+            g.remove()
+        for c in self.compact:
+            c.remove()
+        self.guards, self.compact, self._optimizers = [], [], []

@@ -1,0 +1,68 @@
+"""Phase 2, masked training: the frozen mask, its counts and hashes, and the re-selection counters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from fish_lightning.core.fisher import accumulate_squared_grads, nonfinite_grads, zeros_like_params
+from fish_lightning.core.sparse_state import frozen_digest
+
+
+class FrozenMask:
+    """The selected entries (``masks``: name -> bool, this rank's part, on the parameter's device) and what is
+    known about them: kept counts over all ranks, SHA-256 hashes of the frozen entries taken at the freeze, the
+    global step of the freeze, and the Fisher accumulated since for re-selection.
+
+    Args:
+        masks: name -> bool mask (True = trained), shaped like the (local) candidate.
+        kept: name -> kept entries summed over ranks.
+        digests: name -> hash of the frozen entries (:func:`~fish_lightning.core.sparse_state.frozen_digest`).
+        freeze_step: global step at which the mask was (last) selected.
+    """
+
+    def __init__(self, masks: dict[str, Tensor], kept: dict[str, int], digests: dict[str, str] | None,
+                 freeze_step: int | None) -> None:  # fmt: skip
+        self.masks, self.kept, self.digests, self.freeze_step = masks, kept, digests, freeze_step
+        self.refisher: dict[str, Tensor] | None = None  # squared gradients since the last selection
+        self.steps_since_select = 0
+        self.reselections = 0
+
+    @classmethod
+    def select(cls, masks: dict[str, Tensor], kept: dict[str, int], params: Mapping[str, nn.Parameter],
+               freeze_step: int) -> FrozenMask:  # fmt: skip
+        """A new mask; the frozen entries' hashes are taken now."""
+        return cls(masks, kept, digests_of(params, masks), freeze_step)
+
+    @property
+    def num_kept(self) -> int:
+        return sum(self.kept.values())
+
+    def replace(self, masks: dict[str, Tensor], kept: dict[str, int], params: Mapping[str, nn.Parameter]) -> None:
+        """A re-selected mask: new hashes, the re-selection Fisher restarts."""
+        self.masks, self.kept, self.digests = masks, kept, digests_of(params, masks)
+        self.refisher, self.steps_since_select = None, 0
+        self.reselections += 1
+
+    def accumulate(self, params: Mapping[str, nn.Parameter], inv_scale: float) -> None:
+        """One step's squared mini-batch gradients of all candidates into the re-selection Fisher."""
+        if self.refisher is None:
+            self.refisher = zeros_like_params(params)
+        if not nonfinite_grads(params):
+            accumulate_squared_grads(self.refisher, params, inv_scale)
+        self.steps_since_select += 1
+
+    def moved(self, params: Mapping[str, Tensor]) -> list[str]:
+        """Names whose frozen entries no longer hash to the value taken at the freeze."""
+        if self.digests is None:
+            raise RuntimeError("FISH verify: the mask has no frozen-entry hashes (none were checkpointed)")
+        return [n for n, m in self.masks.items() if frozen_digest(params[n], m) != self.digests[n]]
+
+    def density(self, params: Mapping[str, nn.Parameter]) -> dict[str, float]:
+        """name -> kept fraction of the whole (unsharded) tensor."""
+        return {n: c / max(1, params[n].numel()) for n, c in self.kept.items()}
+
+
+def digests_of(params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> dict[str, str]:
+    return {n: frozen_digest(params[n], m) for n, m in masks.items()}

@@ -1,0 +1,205 @@
+"""Phase 1, dense warmup: the Fisher accumulated from the first ``warmup_steps`` optimizer steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from fish_lightning.callback import distributed
+from fish_lightning.callback.settings import FishSettings
+from fish_lightning.core.fisher import (
+    PerExampleSquaredGrads,
+    accumulate_squared_grads,
+    batch_size,
+    nonfinite_grads,
+    zeros_like_params,
+)
+from fish_lightning.core.sharding import local, local_rows
+
+
+def loss_scale(trainer: Any) -> float:
+    """The AMP loss scale applied to this step's gradients (1 without a GradScaler)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else 1.0
+
+
+def inverse_loss_scale(trainer: Any, optimizer: Optimizer) -> float:
+    """1 / loss scale when the gradients seen in ``on_before_optimizer_step`` are still scaled (fused
+    optimizers under fp16 AMP unscale inside ``step``)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and _optimizer_handles_unscaling(optimizer):
+        return 1.0 / float(scaler.get_scale())
+    return 1.0
+
+
+class WarmupFisher:
+    """The warmup Fisher: fp32 accumulators, the per-example hooks that fill them, the fallback to the
+    ``batch_grad`` estimator, the restart after a non-finite step, and the count of steps taken in.
+
+    Args:
+        settings: the callback's settings (``warmup_steps``, ``fisher_estimator``, ...).
+        params: name -> candidate parameter, in the candidates' order (the same on every rank).
+        sharded: names of candidates split across ranks (FSDP2).
+        allocate: create the fp32 zero accumulators now (``False`` when a checkpoint's state follows).
+    """
+
+    def __init__(
+        self, settings: FishSettings, params: dict[str, nn.Parameter], sharded: set[str], allocate: bool = True
+    ) -> None:
+        self.settings, self.params, self.sharded = settings, params, sharded
+        self.estimator = settings.fisher_estimator  # in use: "per_example" may fall back to "batch_grad"
+        self.fisher: dict[str, Tensor] | None = None
+        if allocate and settings.accumulates_warmup:
+            self.fisher = zeros_like_params(params)
+        self.steps_done = 0  # optimizer steps in the Fisher (non-finite ones excluded)
+        self.skipped_nonfinite = 0
+        self.hooks: PerExampleSquaredGrads | None = None
+
+    @property
+    def active(self) -> bool:
+        """More warmup steps are to come."""
+        return self.steps_done < self.settings.warmup_steps
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, model: nn.Module) -> None:
+        """Capture per-example gradients from the training backward (``fisher_estimator="per_example"``)."""
+        if not (self.settings.accumulates_warmup and self.estimator == "per_example" and self.active):
+            return
+        hooks = PerExampleSquaredGrads(model, self.params)
+        if hooks.uncovered:
+            self.fall_back(f"no per-example rule for {hooks.uncovered[:3]}")
+        else:  # squares straight into the Fisher (one fp32 buffer); sharded: whole-shaped step sums
+            self.hooks = hooks.attach(into=None if self.sharded else self.fisher)
+
+    def detach(self) -> None:
+        if self.hooks is not None:
+            self.hooks.detach()
+            self.hooks = None
+
+    def fall_back(self, why: str) -> None:
+        """Switch to squared mini-batch gradients for the rest of the warmup (never mixing the two scales)."""
+        rank_zero_warn(
+            f"FISH: per-example Fisher is not exact for this model ({why}); using fisher_estimator='batch_grad' "
+            "(squared mini-batch gradients) for all candidates. Calibration (calibration_samples) stays exact."
+        )
+        self.estimator = "batch_grad"
+        direct = self.hooks is not None and self.hooks.direct  # this step's squares are in already
+        self.detach()
+        if self.fisher is not None and (self.steps_done or direct):
+            if self.steps_done:
+                rank_zero_warn(f"FISH: restarting the Fisher; the {self.steps_done} steps so far stay dense warmup")
+            self._zero()
+
+    def _zero(self) -> None:
+        for f in (self.fisher or {}).values():
+            f.zero_()
+
+    # ------------------------------------------------------------------ per batch / step
+    def start_batch(self, trainer: Any, batch: Any) -> None:
+        """Before the forward: tell the hooks the batch size and the factor that undoes the loss's scaling."""
+        if self.hooks is None:
+            return
+        if not self.active:
+            self.detach()
+            return
+        try:
+            n = batch_size(batch)
+        except (TypeError, IndexError) as err:
+            self.fall_back(f"cannot size the batch: {err}")
+            return
+        # training loss = mean over the batch / accumulate_grad_batches (* AMP loss scale): undo all three
+        self.hooks.start_batch(n, (n * max(1, trainer.accumulate_grad_batches) / loss_scale(trainer)) ** 2)
+
+    def finish_batch(self) -> None:
+        """After the backward: square what multi-call modules buffered."""
+        if self.hooks is not None:
+            self.hooks.finish_batch()
+
+    def take_step(self, trainer: Any, optimizer: Optimizer) -> None:
+        """One optimizer step's gradients into the Fisher (``on_before_optimizer_step`` during warmup)."""
+        hooks = self.hooks
+        if hooks is not None:
+            hooks.missed.update(hooks.unseen({n: p.grad for n, p in self.params.items()}))
+            if self.sharded and distributed.any_rank(trainer, bool(hooks.missed)) and not hooks.missed:
+                hooks.missed.add("(on another rank)")  # shards differ per rank: decide the fallback together
+            if hooks.missed:
+                self.fall_back(f"no per-example gradient for {sorted(hooks.missed)[:3]}")
+                hooks = None
+        bad = nonfinite_grads(self.params)
+        if bad:
+            self._skip_nonfinite(trainer, hooks, bad)
+            return
+        if hooks is not None:
+            if not hooks.direct:  # (in the candidates' order: the collectives match across ranks)
+                for n, acc in hooks.sums.items():
+                    if n in self.sharded:  # whole-shaped sums of this rank's examples -> rank mean, own rows
+                        acc = distributed.reduce_scatter_mean(trainer, acc, self.params[n])
+                    self.fisher[n].add_(acc)  # type: ignore[index]
+            hooks.reset()
+        elif self.fisher is not None:
+            accumulate_squared_grads(self.fisher, self.params, inverse_loss_scale(trainer, optimizer))
+        self.steps_done += 1
+        if not self.active:
+            self.detach()
+
+    def _skip_nonfinite(self, trainer: Any, hooks: PerExampleSquaredGrads | None, bad: dict[str, float]) -> None:
+        restart = hooks is not None and hooks.direct  # this step's squares are in the Fisher already
+        if restart:
+            self._zero()
+        if hooks is not None:
+            hooks.reset()
+        self.skipped_nonfinite += 1
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or (restart and self.steps_done):  # (fp16 AMP skips overflowing steps routinely)
+            name, value = next(iter(bad.items()))
+            what = (f"the per-example Fisher restarts after {self.steps_done} warmup steps (so does the count)"
+                    if restart else "this step is left out of the Fisher")  # fmt: skip
+            rank_zero_warn(
+                f"FISH warmup: non-finite gradient {value} in {name!r} ({len(bad)} tensors affected) "
+                f"at global step {trainer.global_step}; {what}"
+            )
+        if restart:
+            self.steps_done = 0
+
+    # ------------------------------------------------------------------ end of the phase
+    def reduced_fisher(self, trainer: Any) -> dict[str, Tensor]:
+        """The Fisher averaged over ranks, in place (a collective; at the freeze)."""
+        if self.steps_done == 0:
+            raise RuntimeError(
+                "FISH: no finite warmup gradient was accumulated before the freeze "
+                f"({self.skipped_nonfinite} steps skipped as non-finite); cannot rank entries"
+            )
+        return distributed.reduce_mean_(trainer, self.fisher, skip=self.sharded)  # type: ignore[arg-type]
+
+    def checkpoint_fisher(self, trainer: Any | None) -> dict[str, Tensor] | None:
+        """The Fisher as a checkpoint holds it: averaged over ranks, whole, on CPU. Per-example sums are
+        rank-local until the freeze; ``state_dict`` runs on every rank while saving, so the collectives are safe."""
+        if self.fisher is None:
+            return None
+        fisher = self.fisher
+        if trainer is not None and trainer.world_size > 1:
+            fisher = distributed.reduce_mean_(trainer, {n: f.clone() for n, f in fisher.items()}, skip=self.sharded)
+        return {n: (distributed.gather_whole(f, self.params[n]) if n in self.sharded else f).detach().cpu()
+                for n, f in fisher.items()}  # fmt: skip
+
+    def restore(self, fisher: dict[str, Tensor] | None, steps_done: int, skipped: int, estimator: str | None) -> None:
+        """Checkpointed warmup state onto this fit's candidates (whole tensors; this rank's rows taken)."""
+        self.steps_done, self.skipped_nonfinite = steps_done, skipped
+        if estimator is not None:
+            self.estimator = estimator
+        if fisher is not None:
+            self.fisher = {n: self._local(t, n).to(self.params[n].device) for n, t in fisher.items()}
+
+    def _local(self, full: Tensor, name: str) -> Tensor:
+        return local_rows(full, self.params[name]) if name in self.sharded else full
+
+
+@torch.no_grad()
+def snapshot(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    """A copy of the candidates' (local) values: the fit-start values ``rewind_frozen`` resets frozen entries to."""
+    return {n: local(p).detach().to(p.device, copy=True) for n, p in params.items()}
