@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
+from fish_lightning.adapters.tiny import tiny_config
 from fish_lightning.core.candidates import find_candidates
 from fish_lightning.core.fisher import (
     PerExampleSquaredGrads,
@@ -38,8 +39,7 @@ from fish_lightning.core.fisher import (
 from fish_lightning.core.masking import FrozenEntryGuard, mask_gradients
 from fish_lightning.core.selection import select_masks
 
-TINY = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=128)  # fmt: skip
+TINY = tiny_config("bert", vocab_size=1000, max_position_embeddings=128)
 
 
 def build(tiny: bool, method: str, batch: int, length: int, seed: int = 0):

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from fish_lightning.adapters.models import build_sequence_classifier
+from fish_lightning.adapters.tiny import tiny_config
 from fish_lightning.core.masking import FrozenEntryGuard, mask_gradients
 from fish_lightning.core.sparse_state import CompactOptimizer, optimizer_state_bytes
 
-TINY = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=128)  # fmt: skip
+TINY = tiny_config("bert", vocab_size=1000, max_position_embeddings=128)
 
 
 def vm_rss_mib() -> float:

@@ -24,15 +24,9 @@ import torch  # noqa: E402
 from fish_lightning.adapters.export import load_sparse_into_base, read_sparse, save_sparse  # noqa: E402
 from fish_lightning.adapters.models import apply_peft, build_sequence_classifier  # noqa: E402
 from fish_lightning.adapters.seeded_init import seeded_init_  # noqa: E402
+from fish_lightning.adapters.tiny import tiny_config  # noqa: E402
 
-TINY = dict(
-    vocab_size=100,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=128,
-    max_position_embeddings=64,
-)
+TINY = tiny_config("bert", hidden_size=64, num_attention_heads=4, intermediate_size=128)
 
 
 def build(tiny: bool, seed: int) -> torch.nn.Module:

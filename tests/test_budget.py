@@ -10,12 +10,14 @@ from omegaconf import OmegaConf
 from conftest import make_trainer
 from fish_lightning import FisherMaskCallback
 from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
+from fish_lightning.adapters.tiny import tiny_config
 from fish_lightning.app.classifier import SequenceClassifier
 from fish_lightning.app.train import ConfigError, _budget_kept, _validate, build_fish
 from fish_lightning.core.budget import count_candidates, count_trainable_entries, match_kept, match_sparsity
 from fish_lightning.core.selection import num_kept
-from test_peft_e2e import TINY, token_batches
+from test_peft_e2e import token_batches
 
+TINY = tiny_config("bert")
 H = TINY["hidden_size"]
 HEAD = 2 * H + 2  # classifier weight + bias, 2 labels
 

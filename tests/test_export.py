@@ -27,13 +27,15 @@ from fish_lightning.adapters.export import (
 )
 from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
 from fish_lightning.adapters.seeded_init import canonical_names, init_values, recorded_seed, seeded_init_
+from fish_lightning.adapters.tiny import tiny_config
 from fish_lightning.app.classifier import SequenceClassifier
-from test_peft_e2e import TINY
 from test_peft_e2e import token_batches as e2e_token_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
 BASE_SEED, INIT_SEED = 0, 1234
+
+TINY = tiny_config("bert")
 
 
 def token_batches(n=32, **kw):

@@ -173,38 +173,78 @@ def save_sparse(
         init_seed = recorded_seed(model)
     config_dict, adapter_name = _config_dict(model, peft_config)
     refs, ref_kind = _references(model, canon, masks, init_seed, config_dict, adapter_name, base_model, reference_state)
-
-    tensors: dict[str, Tensor] = {}
-    info: dict[str, dict[str, Any]] = {}
-    fallback: list[tuple[str, str]] = []
-    report: dict[str, Any] = dict.fromkeys(("value_bytes", "index_bytes", "dense_tensor_bytes", "kept"), 0)
-    report["masked_numel"] = 0
-    encodings: dict[str, str] = {}
+    enc = _SparseEncoding()
     for n in saved:
-        key, value = canon[n], named[n].detach().to("cpu")
-        if n not in masks:
-            tensors[key], info[key], encodings[n] = value.contiguous(), {"encoding": "dense"}, "dense"
-            report["dense_tensor_bytes"] += _nbytes(value)
-            continue
-        mask = masks[n].detach().to("cpu", torch.bool)
+        enc.add(canon[n], n, named[n].detach().to("cpu"), masks.get(n), refs, ref_kind)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "peft_config": config_dict,
+        "adapter_name": adapter_name,
+        "init_seed": init_seed,
+        "base_sha256": _base_fingerprint(model, canon, set(enc.info)),
+        "tensors": enc.info,
+    }
+    _write_safetensors(path, enc.tensors, {META_KEY: json.dumps(meta, separators=(",", ":"))}, metadata)
+    if enc.fallback:
+        _warn_dense_fallback(enc.fallback, len(masks))
+    size = os.path.getsize(path)
+    dense = safetensors_nbytes({canon[n]: (named[n].dtype, tuple(named[n].shape)) for n in saved})
+    report = enc.report
+    report.update(
+        path=str(path),
+        bytes=size,
+        dense_bytes=dense,
+        ratio=size / dense if dense else float("nan"),
+        dense_fallback=[n for n, _ in enc.fallback],
+        encodings=enc.encodings,
+        header_bytes=size - 8 - report["value_bytes"] - report["index_bytes"] - report["dense_tensor_bytes"],
+    )
+    return report
+
+
+class _SparseEncoding:
+    """The file tensors, per-tensor metadata and size report of :func:`save_sparse`, built tensor by tensor."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        self.fallback: list[tuple[str, str]] = []
+        self.encodings: dict[str, str] = {}
+        self.report: dict[str, Any] = dict.fromkeys(
+            ("value_bytes", "index_bytes", "dense_tensor_bytes", "kept", "masked_numel"), 0
+        )
+
+    def add(
+        self,
+        key: str,
+        name: str,
+        value: Tensor,
+        mask: Tensor | None,
+        refs: Mapping[str, Tensor],
+        ref_kind: Mapping[str, str],
+    ) -> None:
+        """Store parameter ``name`` (file key ``key``): dense, or its kept entries when ``mask`` freezes some
+        whose values ``refs[key]`` rebuilds bit for bit."""
+        if mask is None:
+            self._dense(key, name, value)
+            return
+        mask = mask.detach().to("cpu", torch.bool)
         kept = int(mask.sum())
-        report["kept"] += kept
-        report["masked_numel"] += mask.numel()
+        self.report["kept"] += kept
+        self.report["masked_numel"] += mask.numel()
         encoding, index = ("frozen", None) if kept == 0 else encode_indices(mask)
         sparse_bytes = kept * value.element_size() + (0 if index is None else _nbytes(index))
         if kept == mask.numel() or sparse_bytes >= _nbytes(value):
-            encoding = "dense"  # nothing frozen, or dense is no larger: no reference needed
-        else:
-            reason = _frozen_mismatch(value, mask, refs.get(key))
-            if reason is not None:
-                fallback.append((n, reason))
-                encoding = "dense"
-        encodings[n] = encoding
-        if encoding == "dense":
-            tensors[key], info[key] = value.contiguous(), {"encoding": "dense"}
-            report["dense_tensor_bytes"] += _nbytes(value)
-            continue
-        info[key] = {
+            self._dense(key, name, value)  # nothing frozen, or dense is no larger: no reference needed
+            return
+        reason = _frozen_mismatch(value, mask, refs.get(key))
+        if reason is not None:
+            self.fallback.append((name, reason))
+            self._dense(key, name, value)
+            return
+        self.encodings[name] = encoding
+        self.info[key] = {
             "encoding": encoding,
             "shape": list(value.shape),
             "dtype": str(value.dtype).removeprefix("torch."),
@@ -213,54 +253,42 @@ def save_sparse(
             "ref_sha256": _digest(refs[key]),
         }
         if index is not None:
-            tensors[f"{key}:values"] = value.reshape(-1)[mask.reshape(-1)].contiguous()
-            tensors[f"{key}:{encoding}"] = index
-            report["value_bytes"] += kept * value.element_size()
-            report["index_bytes"] += _nbytes(index)
+            self.tensors[f"{key}:values"] = value.reshape(-1)[mask.reshape(-1)].contiguous()
+            self.tensors[f"{key}:{encoding}"] = index
+            self.report["value_bytes"] += kept * value.element_size()
+            self.report["index_bytes"] += _nbytes(index)
 
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "peft_config": config_dict,
-        "adapter_name": adapter_name,
-        "init_seed": init_seed,
-        "base_sha256": _base_fingerprint(model, canon, set(info)),
-        "tensors": info,
-    }
-    st_meta = {META_KEY: json.dumps(meta, separators=(",", ":"))}
-    for k, v in (metadata or {}).items():
-        if not isinstance(k, str) or not isinstance(v, str) or k == META_KEY:
+    def _dense(self, key: str, name: str, value: Tensor) -> None:
+        self.tensors[key], self.info[key], self.encodings[name] = value.contiguous(), {"encoding": "dense"}, "dense"
+        self.report["dense_tensor_bytes"] += _nbytes(value)
+
+
+def _write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, Tensor], st_meta: dict[str, str], extra: Mapping[str, str] | None
+) -> None:
+    """``save_file`` with metadata ``st_meta`` plus the caller's ``extra`` ``str -> str`` entries."""
+    for k, v in (extra or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str) or k in st_meta:
             raise ValueError(
-                f"metadata entry {k!r}: {v!r} is not valid: keys and values must be str, key != {META_KEY!r}"
+                f"metadata entry {k!r}: {v!r} is not valid: keys and values must be str, key != {next(iter(st_meta))!r}"
             )
-        st_meta[k] = v
+        st_meta = {**st_meta, k: v}
     from safetensors.torch import save_file
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=st_meta)
 
-    if fallback:
-        shown = "; ".join(f"{n}: {why}" for n, why in fallback[:3])
-        warnings.warn(
-            f"save_sparse: {len(fallback)} of {len(masks)} masked tensors stored dense because their frozen entries "
-            f"cannot be rebuilt at load ({shown}{'; ...' if len(fallback) > 3 else ''}). To store them sparsely, "
-            "initialise the adapter with seeded_init_ and keep frozen entries at their fit-start values "
-            "(FisherMaskCallback(warmup_steps=0, mask_epoch=None, calibration_samples=N) or rewind_frozen=True)",
-            DenseFallbackWarning,
-            stacklevel=2,
-        )
-    size = os.path.getsize(path)
-    dense = safetensors_nbytes({canon[n]: (named[n].dtype, tuple(named[n].shape)) for n in saved})
-    report.update(
-        path=str(path),
-        bytes=size,
-        dense_bytes=dense,
-        ratio=size / dense if dense else float("nan"),
-        dense_fallback=[n for n, _ in fallback],
-        encodings=encodings,
-        header_bytes=size - 8 - report["value_bytes"] - report["index_bytes"] - report["dense_tensor_bytes"],
+
+def _warn_dense_fallback(fallback: list[tuple[str, str]], masked: int) -> None:
+    shown = "; ".join(f"{n}: {why}" for n, why in fallback[:3])
+    warnings.warn(
+        f"save_sparse: {len(fallback)} of {masked} masked tensors stored dense because their frozen entries "
+        f"cannot be rebuilt at load ({shown}{'; ...' if len(fallback) > 3 else ''}). To store them sparsely, "
+        "initialise the adapter with seeded_init_ and keep frozen entries at their fit-start values "
+        "(FisherMaskCallback(warmup_steps=0, mask_epoch=None, calibration_samples=N) or rewind_frozen=True)",
+        DenseFallbackWarning,
+        stacklevel=3,
     )
-    return report
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -405,6 +433,63 @@ def merge_sparse(
     """:func:`load_sparse_into_base`, then peft's ``merge_and_unload``: ``base_model`` with the adapter
     folded into its weights (and trained ``modules_to_save`` copies in place of the originals)."""
     return load_sparse_into_base(path, base_model, verify=verify).merge_and_unload(safe_merge=safe_merge)
+
+
+# ------------------------------------------------------------------------------------------ masks
+MASK_FORMAT = "fish-mask"
+MASK_META_KEY = "fish_mask"
+
+
+def save_mask(masks: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Write a FISH mask (``FisherMaskCallback.masks``: parameter name -> bool tensor, ``True`` = trained)
+    to the safetensors file ``path``, bit-packed (one bit per entry, :func:`~fish_lightning.core.masking.pack_mask`);
+    names stay as given (those of the LightningModule's ``named_parameters()``), shapes go in the metadata
+    (key ``"fish_mask"``, JSON). :func:`load_mask` reads it back exactly."""
+    shapes, packed = {}, {}
+    for name, mask in masks.items():
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask {name!r} must be a bool tensor, got {got}")
+        shapes[name] = list(mask.shape)
+        packed[name] = pack_mask(mask.detach().to("cpu").reshape(-1))
+    kept = sum(int(m.sum()) for m in masks.values())
+    meta = {"format": MASK_FORMAT, "version": VERSION, "shapes": shapes, "kept": kept}
+    _write_safetensors(path, packed, {MASK_META_KEY: json.dumps(meta, separators=(",", ":"))}, None)
+
+
+def load_mask(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, Tensor]:
+    """The mask saved by :func:`save_mask`: parameter name -> bool tensor (CPU), ``True`` = trained.
+
+    With ``model``, also :func:`check_mask` it against ``model.named_parameters()`` (``ValueError`` naming the
+    first name or shape that does not fit)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(MASK_META_KEY)
+        if raw is None:
+            raise ValueError(f"{path} is not a FISH mask file: its safetensors metadata has no {MASK_META_KEY!r} entry")
+        meta = json.loads(raw)
+        if meta.get("format") != MASK_FORMAT or not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+            raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} is not readable "
+                             f"here (expected format {MASK_FORMAT!r}, version <= {VERSION})")  # fmt: skip
+        masks = {n: unpack_mask(f.get_tensor(n), tuple(shape)) for n, shape in meta["shapes"].items()}
+    if model is not None:
+        check_mask(masks, model, where=str(path))
+    return masks
+
+
+def check_mask(masks: Mapping[str, Tensor], model: nn.Module, where: str = "mask") -> None:
+    """Raise ``ValueError`` naming the first mask entry that is not a parameter of ``model`` or has another shape."""
+    params = dict(model.named_parameters())
+    if not masks:
+        raise ValueError(f"{where} holds no masks")
+    for name, mask in masks.items():
+        if name not in params:
+            raise ValueError(f"{where}: mask {name!r} names no parameter of the model (its names look like "
+                             f"{list(params)[:3]}): was the mask saved from a model built the same way?")  # fmt: skip
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise ValueError(f"{where}: mask {name!r} has shape {list(mask.shape)} but the parameter has shape "
+                             f"{list(params[name].shape)}: same model and peft config (e.g. rank r)?")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ helpers
