@@ -1,0 +1,203 @@
+"""The engine: hooks, multi-call buffering, missed/unseen detection, gradient checkpointing.
+
+Forward hooks on the modules that own the scored parameters hand each call's input to the
+module's rule (:mod:`.registry`); a tensor hook on the call's output turns the output gradient
+into per-example parameter gradients, which are squared in place. A module called several times
+in one forward (tied weights) buffers ``[B, *shape]`` per-example gradients until
+:meth:`~PerExampleSquaredGrads.finish_batch`, so the square is taken of their sum.
+
+Gradient checkpointing recomputes forwards during the backward. Calls made while a backward runs
+(``torch._C._current_graph_task_id() != -1``) are never counted as calls: with non-reentrant
+checkpointing the recomputation of a module already hooked in the forward is ignored (its first
+output carries the gradient); with reentrant checkpointing the forward ran under ``no_grad`` (counted,
+not hooked) and the recomputation is the call that gets hooked. Either way a checkpointed module
+is one call and squares in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fish_lightning.core.per_example import peft_rules, torch_rules  # noqa: F401  (registers the rules)
+from fish_lightning.core.per_example.fallback import FALLBACK
+from fish_lightning.core.per_example.registry import SKIP, Rule, find_rule, is_replaying
+from fish_lightning.core.sharding import local
+
+log = logging.getLogger("fish_lightning.per_example")
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class PerExampleSquaredGrads:
+    """Exact sums of squared per-example gradients, captured from an ordinary forward + backward.
+
+    Rules (:func:`~fish_lightning.core.per_example.registry.register_rule`) cover ``nn.Linear``,
+    ``nn.LayerNorm``, ``nn.Embedding`` (also batch-shared ids), peft's DoRA, IA3, LoHa, LoKr and
+    VeRA layers; any other module owning scored parameters gets the general ``torch.func`` rule
+    (listed in ``fallback_modules``). Requires the loss to be a sum (or mean) over independent
+    examples. ``uncovered`` lists parameters no rule applies to; ``missed`` those whose per-example
+    values were lost at run time (a call no rule could take, or use without the module's forward:
+    see :meth:`unseen`); callers redo both exactly.
+
+    Args:
+        model: the module whose forward runs.
+        params: name -> parameter to score (names as in ``model.named_parameters()``).
+    """
+
+    def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
+        by_id = {id(p): n for n, p in params.items()}
+        self._rules: list[tuple[nn.Module, Rule, dict[str, str]]] = []  # module, rule, {attr path: param name}
+        self.fallback_modules: list[str] = []
+        for mname, module in model.named_modules():
+            found = find_rule(module)
+            if found is None:
+                continue
+            rule, claim = found
+            owned = {a: by_id[id(p)] for a, p in claim.items() if id(p) in by_id}
+            if owned:
+                self._rules.append((module, rule, owned))
+        ruled = {id(m) for m, _, _ in self._rules}
+        for mname, module in model.named_modules():  # modules without a rule: the general rule (a tied
+            claim = {} if id(module) in ruled else FALLBACK.claim(module) or {}  # parameter: each user counts)
+            owned = {a: by_id[id(p)] for a, p in claim.items() if id(p) in by_id}
+            if owned:
+                self._rules.append((module, FALLBACK, owned))
+                self.fallback_modules.append(mname or type(module).__name__)
+        covered = {n for _, _, o in self._rules for n in o.values()}
+        if self.fallback_modules:
+            log.info("FISH per-example Fisher: general torch.func rule for %d module(s): %s",
+                     len(self.fallback_modules), ", ".join(self.fallback_modules))  # fmt: skip
+        self._owned = {id(m): (rule, o) for m, rule, o in self._rules}
+        self.uncovered = [n for n in params if n not in covered]
+        self.missed: set[str] = set()  # covered, but a call's gradient was not per-example (see _on_forward)
+        self.failures: dict[str, str] = {}  # module name -> why its rule failed at run time
+        self.sums: dict[str, Tensor] = {}
+        self.direct = False  # sums are the caller's accumulators (attach(into=...)): reset() keeps them
+        self._params = {n: p for n, p in params.items() if n in covered}  # params' order: same on every rank
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self._handles: list[Any] = []
+        self._calls: dict[str, int] = {}  # per parameter name: module calls in this forward (tied weights)
+        self._hooked: dict[int, int] = {}  # per module: calls hooked outside a backward, this batch
+        self._pending: dict[str, Tensor] = {}  # per-example grads of multi-call parameters, [B, numel]
+        self._seen: set[str] = set()  # names that got a per-example contribution since reset()
+        self._batch: int | None = None
+        self.factor = 1.0
+
+    @property
+    def covered(self) -> list[str]:
+        return list(self._params)
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, into: Mapping[str, Tensor] | None = None) -> PerExampleSquaredGrads:
+        """Register the hooks (idempotent). The squares go into ``into`` (the caller's fp32 accumulators,
+        shaped like the parameters: no second buffer) or, without it, into fp32 zero sums made here
+        (whole-shaped, also for sharded parameters: the modules run on gathered weights) that
+        :meth:`reset` clears."""
+        if into is not None:
+            self.sums, self.direct = {n: into[n] for n in self._params}, True
+        elif not self.sums:
+            self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self._params.items()}
+        if not self._handles:
+            for module, _, _ in self._rules:
+                # prepend: see the module's own output, before other hooks (e.g. our adapters') replace it
+                self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True, prepend=True))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def start_batch(self, batch_size: int, factor: float = 1.0) -> None:
+        """Call before each forward: examples in the batch and a multiplier for its squared grads."""
+        self._batch, self.factor, self._calls, self._pending, self._hooked = batch_size, factor, {}, {}, {}
+
+    def finish_batch(self) -> None:
+        """Call after the backward: squares the buffered gradients of multi-call modules."""
+        for name, g in self._pending.items():
+            self.sums[name].view(-1).add_(g.square().sum(0), alpha=self.factor)
+        self._pending = {}
+
+    def unseen(self, grads: Mapping[str, Tensor | None]) -> list[str]:
+        """Covered names with a nonzero gradient that no hook saw: the parameter was used without its
+        module's forward (e.g. ``F.linear(x, mod.weight)``, ``nn.MultiheadAttention.out_proj``)."""
+        return [n for n, g in grads.items() if n in self._params and n not in self._seen and g is not None
+                and bool(local(g).detach().ne(0).any())]  # fmt: skip
+
+    def reset(self) -> None:
+        """Start a new step: clear own sums (not the caller's accumulators) and the names seen."""
+        if not self.direct:
+            for s in self.sums.values():
+                s.zero_()
+        self._seen = set()
+
+    # ------------------------------------------------------------------ hooks
+    def _count(self, module: nn.Module) -> None:
+        for name in self._owned[id(module)][1].values():
+            self._calls[name] = self._calls.get(name, 0) + 1
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._batch is None or is_replaying() or not isinstance(output, Tensor):
+            return None
+        rule, _ = self._owned[id(module)]
+        key, batch = id(module), self._batch
+        expanded = None
+        if rule.broadcast and output.dim() > 0 and output.shape[0] == 1 and batch > 1:
+            expanded = output = output.expand(batch, *output.shape[1:])  # batch-shared: gradient per example
+        batched = output.dim() > 0 and output.shape[0] == batch
+        in_backward = _in_backward()
+        if not output.requires_grad:
+            if batched and not in_backward and not torch.is_grad_enabled():
+                self._count(module)  # e.g. reentrant checkpointing's first pass: hooked when recomputed
+            return expanded
+        if in_backward:
+            if self._hooked.get(key):  # non-reentrant checkpointing: this call was hooked in the forward
+                return expanded
+        else:
+            self._hooked[key] = self._hooked.get(key, 0) + 1
+        saved = rule.save(module, args, kwargs, output, batch) if batched else None
+        if saved is SKIP:
+            return expanded
+        if saved is None:  # not per-example: if a gradient arrives, per-example values are lost
+            output.register_hook(lambda g, m=module: self._missed_call(m))
+        else:  # (calls that cannot reach here, e.g. DoRA's identity probe of lora_A/B, do not count)
+            if not in_backward:
+                self._count(module)
+            output.register_hook(lambda g, m=module, s=saved: self._on_grad(m, s, g))
+        return expanded
+
+    def _missed_call(self, module: nn.Module) -> None:
+        self.missed.update(self._owned[id(module)][1].values())
+
+    def _on_grad(self, module: nn.Module, saved: Any, g: Tensor) -> None:
+        rule, owned = self._owned[id(module)]
+        multi = {a: self._calls.get(n, 1) > 1 for a, n in owned.items()}
+        try:
+            parts: dict[str, list[Tensor]] = {}
+            for chunk in rule.grads(module, saved, g, list(owned), any(multi.values())):
+                for attr, val in chunk.items():
+                    name = owned[attr]
+                    if multi[attr]:
+                        parts.setdefault(attr, []).append(val.float().reshape(val.shape[0], -1))
+                    elif callable(val):
+                        val(self.sums[name], self.factor)
+                    else:
+                        self.sums[name].view(-1).add_(val.float().reshape(val.shape[0], -1).square().sum(0), alpha=self.factor)
+        except Exception as err:  # noqa: BLE001 - any failure of a rule: per-example values of this call are lost
+            mname = self._names.get(id(module), type(module).__name__)
+            self.failures[mname] = f"{type(err).__name__}: {err}"
+            log.warning("FISH per-example Fisher: the %s rule failed on %s (%s)", type(rule).__name__, mname, err)
+            self.missed.update(owned.values())
+            return
+        for attr, chunks in parts.items():
+            name, per_example = owned[attr], torch.cat(chunks)
+            pending = self._pending.get(name)
+            self._pending[name] = per_example if pending is None else pending + per_example
+        self._seen.update(owned.values())
