@@ -10,6 +10,7 @@ from torch import nn
 from fish_lightning.callback.settings import FishSettings
 from fish_lightning.core.candidates import check_supported
 from fish_lightning.core.sharding import check_placements, is_sharded
+from fish_lightning.core.sparse_state import refuse_compact
 
 
 def check_fit(settings: FishSettings, trainer: Any, pl_module: nn.Module) -> None:
@@ -26,6 +27,20 @@ def check_fit(settings: FishSettings, trainer: Any, pl_module: nn.Module) -> Non
             "sparse_optimizer_state=True does not support fp16 mixed precision with a GradScaler (the scaler "
             "unscales the optimizer's compact tensors before their gradients exist): use precision='bf16-mixed' "
             "or '32-true', or sparse_optimizer_state=False"
+        )
+    if settings.sparse_optimizer_state:
+        for opt in trainer.optimizers:
+            refuse_compact(opt)
+    if (
+        settings.calibration_samples is not None
+        and settings.needs_fisher
+        and not getattr(pl_module, "automatic_optimization", True)
+        and not callable(getattr(pl_module, "fisher_loss", None))
+    ):
+        raise ValueError(
+            "calibration_samples with manual optimization needs `fisher_loss(batch) -> Tensor[batch]` (per-example "
+            f"losses) on {type(pl_module).__name__}: calibration must not update anything, and its training_step "
+            "steps the optimizer"
         )
     if len(trainer.optimizers) > 1:
         rank_zero_warn(

@@ -55,14 +55,21 @@ class MaskEnforcer:
                 f"FISH: {partial - covered} masked tensors are in no optimizer of this trainer; they are not guarded"
             )
 
-    def before_step(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
-        """Right before the optimizer step: compact gradients gathered, or frozen gradients zeroed and the
-        guarded tensors snapshot (now, not in the step pre-hook that precedes the closure)."""
+    def after_backward(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
+        """Right after each backward, before anything (the user's ``clip_gradients`` under manual optimization,
+        Lightning's clipping) reads the gradients: compact gradients gathered (added up over accumulated
+        backwards), or frozen gradients zeroed (they then drop out of the clip norm)."""
         if self.compact:
             for c in self.compact:
                 c.gather_grads()
-            return
-        mask_gradients(params, masks)
+        elif self.guards:
+            mask_gradients(params, masks)
+
+    def before_step(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
+        """Right before the optimizer step: the same for gradients that arrived without a Lightning backward,
+        and the guarded tensors snapshot (once per step; now, not in the step pre-hook that precedes the
+        closure, so the copy is not held through forward and backward)."""
+        self.after_backward(params, masks)
         for g in self.guards:
             g.snapshot()
 

@@ -41,6 +41,7 @@ from fish_lightning.callback.checks import check_fit, check_strategy
 from fish_lightning.callback.enforcer import MaskEnforcer
 from fish_lightning.callback.frozen import FrozenMask
 from fish_lightning.callback.settings import FishSettings
+from fish_lightning.callback.step_gate import StepGate
 from fish_lightning.callback.warmup import WarmupFisher, inverse_loss_scale, snapshot
 from fish_lightning.core.candidates import find_candidates
 from fish_lightning.core.fisher import zeros_like_params
@@ -128,6 +129,7 @@ class FisherMaskCallback(Callback):
         self.warmup: WarmupFisher | None = None  # phase 1 (kept after the freeze for its counters)
         self.mask: FrozenMask | None = None  # phase 2
         self.enforcer = MaskEnforcer(self.settings.sparse_optimizer_state)
+        self._gate = StepGate(on_step_end=self._after_optimizer_step)  # per-step work once per step()
         self._params: dict[str, nn.Parameter] = {}
         self._bound: list[weakref.ref] = []  # the candidates the state belongs to (a new model starts over)
         self._sharded: set[str] = set()  # candidates split across ranks (FSDP2 DTensor shards)
@@ -161,7 +163,10 @@ class FisherMaskCallback(Callback):
 
     @property
     def num_candidates(self) -> int:
-        return sum(self._params[n].numel() for n in self.candidates or [])
+        """Candidate entries (whole tensors; from the checkpoint's masks when loaded outside fit)."""
+        if self._params:
+            return sum(p.numel() for p in self._params.values())
+        return sum(m.numel() for m in self.mask.masks.values()) if self.mask is not None else 0
 
     @property
     def num_kept(self) -> int:
@@ -295,6 +300,7 @@ class FisherMaskCallback(Callback):
         return local_rows(full, self._params[name]) if name in self._sharded else full
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._gate.watch(trainer.optimizers)
         if self.mask is not None:
             if not self.enforcer.covers(trainer.optimizers):
                 self.enforcer.install(trainer.optimizers, self._params, self.mask.masks)
@@ -317,22 +323,33 @@ class FisherMaskCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._gate.reopen()
         if self.mask is None and self.warmup is not None:
             self.warmup.start_batch(trainer, batch)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mask is None and self.warmup is not None:
+        if self.mask is not None and not pl_module.automatic_optimization:  # before the user's clip_gradients
+            if self.reselect_every_n_steps is not None:  # (manual optimization: each backward's squares)
+                self.mask.add_squares(self._params, 1.0)
+            self.enforcer.after_backward(self._params, self.mask.masks)
+        elif self.mask is None and self.warmup is not None:
             self.warmup.finish_batch()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if self.mask is not None:
-            if self.reselect_every_n_steps is not None:
-                self.mask.accumulate(self._params, inverse_loss_scale(trainer, optimizer))
+        if self.mask is not None:  # (Lightning's own gradient clipping comes right after this hook)
+            if self.reselect_every_n_steps is not None and self._gate.take():
+                if pl_module.automatic_optimization:
+                    self.mask.add_squares(self._params, inverse_loss_scale(trainer, optimizer))
+                self.mask.steps_since_select += 1
             self.enforcer.before_step(self._params, self.mask.masks)
-        elif self.warmup is not None and self.warmup.active:
+        elif self.warmup is not None and self.warmup.active and self._gate.take():
             self.warmup.take_step(trainer, optimizer)
+
+    def _after_optimizer_step(self) -> None:
+        if self.mask is None and self.warmup is not None:
+            self.warmup.rearm()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -421,9 +438,12 @@ class FisherMaskCallback(Callback):
 
         Returns ``{"frozen_unchanged": bool, "kept": int, "candidates": int, "moved": [names]}``.
         """
+        named = dict(pl_module.named_parameters()) if pl_module is not None else {}
+        if self.mask is None and self._restored is not None and self._restored.get("candidates") and named:
+            self.mask = self._restored_mask({n: named[n].shape for n in self._restored["candidates"]})
         if self.mask is None:
             raise RuntimeError("FISH verify: no mask has been frozen yet")
-        params = self._params if pl_module is None else {n: dict(pl_module.named_parameters())[n] for n in self.masks}
+        params = self._params if pl_module is None else {n: named[n] for n in self.mask.masks}
         moved = self.mask.moved(params)
         return {"frozen_unchanged": not moved, "kept": self.num_kept, "candidates": self.num_candidates,
                 "moved": moved}  # fmt: skip
@@ -456,6 +476,7 @@ class FisherMaskCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._fit_started = False
         self.enforcer.remove()
+        self._gate.remove()
         if self.warmup is not None:
             self.warmup.detach()
 
@@ -487,8 +508,19 @@ class FisherMaskCallback(Callback):
         ckpt.check_settings(state_dict, self.settings)
         if self._fit_started and self._trainer is not None:  # restored after on_fit_start (FSDP2, DeepSpeed)
             self._apply_restored(self._trainer, state_dict)
-        else:
-            self._restored = state_dict
+            return
+        self._restored = state_dict  # applied to the candidates at fit start
+        self.candidates = list(state_dict["candidates"]) if state_dict.get("candidates") is not None else None
+        self.mask = self._restored_mask(state_dict.get("shapes"))  # masks and verify(module) work outside fit
+
+    def _restored_mask(self, shapes: dict[str, Any] | None) -> FrozenMask | None:
+        """The checkpoint's mask as whole CPU tensors, given the candidates' shapes (not bound to a model)."""
+        state = self._restored
+        if state is None or state.get("masks") is None or shapes is None:
+            return None
+        masks = ckpt.unpack_masks(state["masks"], shapes)
+        return FrozenMask(masks, {n: int(m.sum()) for n, m in masks.items()}, ckpt.own_digests(state.get("digests")),
+                          state.get("frozen_at_step"))  # fmt: skip
 
 
 def _settings_property(name: str) -> property:

@@ -45,13 +45,12 @@ class FrozenMask:
         self.refisher, self.steps_since_select = None, 0
         self.reselections += 1
 
-    def accumulate(self, params: Mapping[str, nn.Parameter], inv_scale: float) -> None:
-        """One step's squared mini-batch gradients of all candidates into the re-selection Fisher."""
+    def add_squares(self, params: Mapping[str, nn.Parameter], inv_scale: float) -> None:
+        """The current squared gradients of all candidates (frozen entries' too) into the re-selection Fisher."""
         if self.refisher is None:
             self.refisher = zeros_like_params(params)
         if not nonfinite_grads(params):
             accumulate_squared_grads(self.refisher, params, inv_scale)
-        self.steps_since_select += 1
 
     def moved(self, params: Mapping[str, Tensor]) -> list[str]:
         """Names whose frozen entries no longer hash to the value taken at the freeze."""

@@ -59,6 +59,7 @@ class WarmupFisher:
         self.steps_done = 0  # optimizer steps in the Fisher (non-finite ones excluded)
         self.skipped_nonfinite = 0
         self.hooks: PerExampleSquaredGrads | None = None
+        self._armed: tuple[int, float] | None = None  # (batch size, factor) of the batch being captured
 
     @property
     def active(self) -> bool:
@@ -113,7 +114,18 @@ class WarmupFisher:
             self.fall_back(f"cannot size the batch: {err}")
             return
         # training loss = mean over the batch / accumulate_grad_batches (* AMP loss scale): undo all three
-        self.hooks.start_batch(n, (n * max(1, trainer.accumulate_grad_batches) / loss_scale(trainer)) ** 2)
+        self._armed = (n, (n * max(1, trainer.accumulate_grad_batches) / loss_scale(trainer)) ** 2)
+        self.hooks.start_batch(*self._armed)
+
+    def pause(self) -> None:
+        """Capture nothing until :meth:`rearm` (the rest of this step's closure evaluations)."""
+        if self.hooks is not None:
+            self.hooks.start_batch(None, 0.0)  # type: ignore[arg-type]  # no batch: forwards are not captured
+
+    def rearm(self) -> None:
+        """After an optimizer step: capture the next forward of the same batch (manual optimization)."""
+        if self.hooks is not None and self._armed is not None and self.active:
+            self.hooks.start_batch(*self._armed)
 
     def finish_batch(self) -> None:
         """After the backward: square what multi-call modules buffered."""
@@ -133,6 +145,7 @@ class WarmupFisher:
         bad = nonfinite_grads(self.params)
         if bad:
             self._skip_nonfinite(trainer, hooks, bad)
+            self.pause()
             return
         if hooks is not None:
             if not hooks.direct:  # (in the candidates' order: the collectives match across ranks)
@@ -146,6 +159,7 @@ class WarmupFisher:
         self.steps_done += 1
         if not self.active:
             self.detach()
+        self.pause()
 
     def _skip_nonfinite(self, trainer: Any, hooks: PerExampleSquaredGrads | None, bad: dict[str, float]) -> None:
         restart = hooks is not None and hooks.direct  # this step's squares are in the Fisher already

@@ -82,8 +82,11 @@ class FrozenEntryGuard:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        """Copy the guarded tensors now (parameters must not change before the step)."""
-        self._saved = [local(p).detach().clone() for p, _ in self._guarded]
+        """Copy the guarded tensors now (parameters must not change before the step). Once per step: a closure
+        optimizer (LBFGS) evaluates the loss, and so reaches this point, several times inside one ``step()``
+        after moving the parameters; the copy taken first is kept until the step's post-hook."""
+        if not self._saved:
+            self._saved = [local(p).detach().clone() for p, _ in self._guarded]
 
     def _pre(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
         if self.snapshot_in_pre_hook and not self._saved:

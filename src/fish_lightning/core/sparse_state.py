@@ -35,6 +35,7 @@ class CompactOptimizer:
     """
 
     def __init__(self, optimizer: Optimizer, masks: Mapping[nn.Parameter, Tensor]) -> None:
+        refuse_compact(optimizer)
         self.optimizer = optimizer
         self.pairs: list[tuple[nn.Parameter, Tensor, nn.Parameter]] = []  # (p, flat kept idx, compact c)
         self.dropped: list[nn.Parameter] = []  # fully frozen: out of the optimizer
@@ -55,6 +56,12 @@ class CompactOptimizer:
                 idx = m.reshape(-1).nonzero().squeeze(1).to(p.device)
                 c = nn.Parameter(p.detach().reshape(-1)[idx].clone())
                 if state:
+                    odd = [k for k, v in state.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape]
+                    if odd:
+                        raise ValueError(
+                            f"sparse_optimizer_state=True cannot compact {type(optimizer).__name__}: its state "
+                            f"{odd} of a {tuple(p.shape)} parameter is not per entry; use sparse_optimizer_state=False"
+                        )
                     optimizer.state[c] = {k: _gather_like(v, p, idx) for k, v in state.items()}
                 params.append(c)
                 self.pairs.append((p, idx, c))
@@ -63,9 +70,13 @@ class CompactOptimizer:
 
     @torch.no_grad()
     def gather_grads(self) -> None:
-        """``c.grad = p.grad[kept]``; the dense ``p.grad`` is released (also of dropped parameters)."""
+        """``c.grad += p.grad[kept]`` (``c.grad`` is created when ``None``: the optimizer's ``zero_grad`` clears
+        it); the dense ``p.grad`` is released (also of dropped parameters). Call after every backward, so that
+        gradient clipping and accumulation see the compact gradients."""
         for p, idx, c in self.pairs:
-            c.grad = None if p.grad is None else p.grad.reshape(-1)[idx]
+            if p.grad is not None:
+                g = p.grad.reshape(-1)[idx]
+                c.grad = g if c.grad is None else c.grad.add_(g)
             p.grad = None
         for p in self.dropped:
             p.grad = None
@@ -98,6 +109,23 @@ class CompactOptimizer:
             group["params"] = params
         self.remove()
         self.pairs, self.dropped = [], []
+
+
+#: optimizers whose state or bookkeeping is not per entry: a compact 1-D copy of the kept entries breaks them
+NOT_COMPACTABLE = {
+    "LBFGS": "it caches its parameter list at construction, so the compact tensors would never be stepped",
+    "Adafactor": "its second moment of a matrix is factored into row and column statistics, not kept per entry",
+}
+
+
+def refuse_compact(optimizer: Optimizer) -> None:
+    """Raise ``ValueError`` naming the optimizer when :class:`CompactOptimizer` cannot rewire it."""
+    name = type(optimizer).__name__
+    if name in NOT_COMPACTABLE:
+        raise ValueError(
+            f"sparse_optimizer_state=True does not support {name}: {NOT_COMPACTABLE[name]}; use the dense masked "
+            "step (sparse_optimizer_state=False), which keeps frozen entries bit-identical with it"
+        )
 
 
 def optimizer_state_bytes(optimizer: Optimizer) -> int:
