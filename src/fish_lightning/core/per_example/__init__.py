@@ -12,4 +12,12 @@ from fish_lightning.core.per_example.engine import PerExampleSquaredGrads
 from fish_lightning.core.per_example.fallback import FuncFallbackRule
 from fish_lightning.core.per_example.registry import SKIP, Rule, find_rule, register_rule, registered_rules
 
-__all__ = ["SKIP", "FuncFallbackRule", "PerExampleSquaredGrads", "Rule", "find_rule", "register_rule", "registered_rules"]
+__all__ = [
+    "SKIP",
+    "FuncFallbackRule",
+    "PerExampleSquaredGrads",
+    "Rule",
+    "find_rule",
+    "register_rule",
+    "registered_rules",
+]

@@ -55,7 +55,7 @@ class PerExampleSquaredGrads:
         by_id = {id(p): n for n, p in params.items()}
         self._rules: list[tuple[nn.Module, Rule, dict[str, str]]] = []  # module, rule, {attr path: param name}
         self.fallback_modules: list[str] = []
-        for mname, module in model.named_modules():
+        for module in model.modules():
             found = find_rule(module)
             if found is None:
                 continue
@@ -189,7 +189,9 @@ class PerExampleSquaredGrads:
                     elif callable(val):
                         val(self.sums[name], self.factor)
                     else:
-                        self.sums[name].view(-1).add_(val.float().reshape(val.shape[0], -1).square().sum(0), alpha=self.factor)
+                        self.sums[name].view(-1).add_(
+                            val.float().reshape(val.shape[0], -1).square().sum(0), alpha=self.factor
+                        )
         except Exception as err:  # noqa: BLE001 - any failure of a rule: per-example values of this call are lost
             mname = self._names.get(id(module), type(module).__name__)
             self.failures[mname] = f"{type(err).__name__}: {err}"

@@ -47,7 +47,7 @@ def own_parameters(module: nn.Module) -> dict[str, Tensor]:
 
 class FuncFallbackRule(Rule):
     def claim(self, module):
-        if isinstance(module, _CONTAINERS) or isinstance(module, _NO_REPLAY):
+        if isinstance(module, (*_CONTAINERS, *_NO_REPLAY)):
             return None
         if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
             return None

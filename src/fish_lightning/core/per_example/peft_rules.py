@@ -149,7 +149,8 @@ class _DeltaWeightRule(Rule):
         if _not_in_use(module) or not active:
             return SKIP
         if module.training and any(
-            float(getattr(module, "module_dropout", {}).get(a, 0.0)) > 0 or float(getattr(module, "rank_dropout", {}).get(a, 0.0)) > 0
+            float(getattr(module, "module_dropout", {}).get(a, 0.0)) > 0
+            or float(getattr(module, "rank_dropout", {}).get(a, 0.0)) > 0
             for a in active
         ):
             return None  # random per-call dropout of the delta: not reproducible here
@@ -209,7 +210,10 @@ class LoKrRule(_DeltaWeightRule):
         full = getattr(module, f"lokr_{name}")
         if a in full:
             return full[a].detach().float(), None, None
-        fa, fb = getattr(module, f"lokr_{name}_a")[a].detach().float(), getattr(module, f"lokr_{name}_b")[a].detach().float()
+        fa, fb = (
+            getattr(module, f"lokr_{name}_a")[a].detach().float(),
+            getattr(module, f"lokr_{name}_b")[a].detach().float(),
+        )
         return fa @ fb, fa, fb
 
     def factor_grads(self, module, a, G):

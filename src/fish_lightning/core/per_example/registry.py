@@ -54,7 +54,9 @@ class Rule:
         gradients cannot be had (marked missed if a gradient arrives), or :data:`SKIP`."""
         raise NotImplementedError
 
-    def grads(self, module: nn.Module, saved: Any, g: Tensor, attrs: list[str], dense: bool) -> Iterator[dict[str, PerExample]]:
+    def grads(
+        self, module: nn.Module, saved: Any, g: Tensor, attrs: list[str], dense: bool
+    ) -> Iterator[dict[str, PerExample]]:
         """At the backward (``g``: the output gradient, ``[B, ...]``): yields ``{attr: per-example
         gradients}`` for ``attrs``, batch chunk by batch chunk (see :func:`batch_chunks`)."""
         raise NotImplementedError

@@ -31,7 +31,11 @@ class LinearRule(Rule):
         return _own(module, {"weight", "bias"})
 
     def save(self, module, args, kwargs, output, batch):
-        return batched_input(args, kwargs, batch)
+        x = batched_input(args, kwargs, batch)
+        if x is not None and (getattr(first_input(args, kwargs), "_fish_probe", False) or _is_identity_probe(x)):
+            output._fish_probe = True  # and lora_B(lora_A(eye)) downstream
+            return None  # peft DoRA's probe of lora_A/B when batch == in_features: gets no gradient, not a call
+        return x
 
     def grads(self, module, x, g, attrs, dense):
         b = g.shape[0]
@@ -42,6 +46,13 @@ class LinearRule(Rule):
         if "weight" in attrs:
             out["weight"] = matmul_weight_grads(g, x) if dense else _linear_square_into(g, x)
         yield out
+
+
+def _is_identity_probe(x: Tensor) -> bool:
+    """``torch.eye(in)`` fed to a layer (peft's DoRA reads ``lora_B(lora_A(eye))`` and detaches it)."""
+    if x.dim() != 2 or x.shape[0] != x.shape[1] or x.requires_grad:
+        return False
+    return bool(torch.equal(x, torch.eye(x.shape[0], dtype=x.dtype, device=x.device)))
 
 
 def _linear_square_into(g: Tensor, x: Tensor):
@@ -101,7 +112,9 @@ class EmbeddingRule(Rule):
         ids = ids.reshape(b, -1)
         if module.padding_idx is not None:  # autograd gives the padding row no gradient
             g = g.masked_fill(ids.unsqueeze(-1) == module.padding_idx, 0.0)
-        yield {"weight": _embedding_per_example(ids, g, module.num_embeddings) if dense else _embedding_square_into(ids, g)}
+        yield {
+            "weight": _embedding_per_example(ids, g, module.num_embeddings) if dense else _embedding_square_into(ids, g)
+        }
 
 
 def _embedding_square_into(ids: Tensor, g: Tensor):
@@ -119,4 +132,3 @@ def _embedding_per_example(ids: Tensor, g: Tensor, num_embeddings: int) -> Tenso
     for b in range(ids.shape[0]):
         out[b].index_add_(0, ids[b], g[b])
     return out
-
