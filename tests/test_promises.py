@@ -228,3 +228,44 @@ def test_warmup_shortfall_warning_counts_partial_accumulation_windows():
     cb = FisherMaskCallback(sparsity=0.5, warmup_steps=4, mask_epoch=1)  # 8 batches, accumulate 3: 3 steps/epoch
     with pytest.warns(UserWarning, match="only 3 optimizer steps run before mask_epoch=1"):
         fit(cb, Model(), accumulate_grad_batches=3)
+
+
+class SumLoss(WithFisherLoss):
+    """Training loss summed over the batch (not averaged)."""
+
+    def training_step(self, batch, batch_idx):
+        return self.fisher_loss(batch).sum()
+
+
+def loop_fisher(model, n_batches):
+    from fish_lightning.core.fisher import per_example_fisher
+
+    params = dict(model.named_parameters())
+    fisher = None
+    for i, batch in enumerate(make_loader()):
+        if i == n_batches:
+            break
+        fisher, _ = per_example_fisher(model.fisher_loss, batch, params, fisher)
+    return fisher
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_reduction_setting_gives_the_exact_fisher(reduction, one_thread):
+    """SGD with lr 0 holds the weights: the warmup Fisher must equal the batch-size-1 loop over the same batches."""
+    model = (SumLoss if reduction == "sum" else WithFisherLoss)(lr=1e-30)
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.0)
+    cb = FisherMaskCallback(sparsity=0.5, warmup_steps=4, mask_epoch=1, keep_fisher=True, loss_reduction=reduction)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "FISH: the training loss")
+        make_trainer([cb], max_epochs=2).fit(model, make_loader())
+    ref = loop_fisher(model, 4)
+    for n in ref:
+        torch.testing.assert_close(cb.fisher[n], ref[n], rtol=1e-5, atol=1e-9)
+
+
+def test_summed_loss_with_the_mean_setting_is_detected():
+    cb = FisherMaskCallback(sparsity=0.5, warmup_steps=2, mask_epoch=1)
+    with pytest.warns(UserWarning, match=r"looks like the sum of fisher_loss.*loss_reduction='mean'.*'sum'"):
+        fit(cb, SumLoss())
+    with pytest.raises(ValueError, match=r"loss_reduction='none' is not valid: expected one of \('mean', 'sum'\)"):
+        FisherMaskCallback(loss_reduction="none")

@@ -18,8 +18,9 @@ from fish_lightning.core.fisher import batch_size, per_example_fisher_hooks, sli
 
 
 def calibrate_fisher(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor], n_samples: int
-) -> tuple[dict[str, Tensor], int]:
+    trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor], n_samples: int,
+    loss_reduction: str = "mean",
+) -> tuple[dict[str, Tensor], int]:  # fmt: skip
     """Sum of squared per-example gradients over the first ``n_samples`` training examples.
 
     Returns ``(fisher, examples_seen)``; nothing is updated and no ``.grad`` is touched.
@@ -28,7 +29,7 @@ def calibrate_fisher(
     if loader is None:
         raise RuntimeError("FISH calibration needs the train dataloader, but the trainer has none")
     fisher = zeros_like_params(params)
-    loss_fn = per_example_loss_fn(pl_module)
+    loss_fn = per_example_loss_fn(pl_module, loss_reduction)
     seen = 0
     with eval_mode(pl_module), torch.enable_grad():
         for batch in loader:
@@ -41,9 +42,9 @@ def calibrate_fisher(
     return fisher, seen
 
 
-def per_example_loss_fn(pl_module: pl.LightningModule):
+def per_example_loss_fn(pl_module: pl.LightningModule, loss_reduction: str = "mean"):
     """``batch -> losses``: the module's ``fisher_loss``, else ``training_step`` (logging muted), whose
-    loss is taken to be a mean over the batch."""
+    loss is a mean over the batch (``loss_reduction="mean"``) or a sum (``"sum"``)."""
     if callable(getattr(pl_module, "fisher_loss", None)):
         return pl_module.fisher_loss
 
@@ -56,7 +57,7 @@ def per_example_loss_fn(pl_module: pl.LightningModule):
                 "FISH calibration: training_step returned no loss tensor; define "
                 "`fisher_loss(batch) -> Tensor[batch]` on the LightningModule"
             )
-        return loss * batch_size(batch)  # a batch mean -> the sum of per-example losses
+        return loss * batch_size(batch) if loss_reduction == "mean" else loss  # -> the sum of per-example losses
 
     return loss_fn
 

@@ -89,6 +89,9 @@ class FisherMaskCallback(Callback):
             gradients of all candidates) and every N optimizer steps re-select exactly k entries:
             newly kept entries start with zero optimizer state, dropped ones stop where they are.
             ``None`` (default): the paper's fixed mask.
+        loss_reduction: how the training loss reduces the per-example losses of a batch, ``"mean"`` (default) or
+            ``"sum"``; the per-example warmup Fisher and calibration undo it. When the module defines
+            ``fisher_loss`` the first warmup batch is checked against it and a mismatch is warned about.
 
     After the freeze, ``cb.masks`` maps parameter names to bool masks (True = trained).
     """
@@ -110,6 +113,7 @@ class FisherMaskCallback(Callback):
         sparse_optimizer_state: bool = False,
         strict: bool = False,
         reselect_every_n_steps: int | None = None,
+        loss_reduction: str = "mean",
     ) -> None:
         super().__init__()
         self.settings = FishSettings(
@@ -117,7 +121,7 @@ class FisherMaskCallback(Callback):
             scope=scope, selection=selection, seed=seed, calibration_samples=calibration_samples,
             keep_fisher=keep_fisher, fisher_estimator=fisher_estimator, rewind_frozen=rewind_frozen,
             sparse_optimizer_state=sparse_optimizer_state, strict=strict,
-            reselect_every_n_steps=reselect_every_n_steps,
+            reselect_every_n_steps=reselect_every_n_steps, loss_reduction=loss_reduction,
         )  # fmt: skip
         if self.settings.unused_warmup:
             rank_zero_warn(
@@ -354,6 +358,9 @@ class FisherMaskCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        warmup = self.warmup
+        if self.mask is None and warmup is not None and not warmup.reduction_checked and warmup.hooks is not None:
+            warmup.check_reduction(trainer, pl_module, outputs, batch)
         if self.mask is None and self.mask_epoch is None and not self.warmup.active:  # type: ignore[union-attr]
             self._freeze(trainer, pl_module)
         elif self.mask is not None and self.reselect_every_n_steps is not None \
@@ -411,7 +418,7 @@ class FisherMaskCallback(Callback):
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         n = self.calibration_samples
-        fisher, seen = calibrate_fisher(trainer, pl_module, self._params, n)  # type: ignore[arg-type]
+        fisher, seen = calibrate_fisher(trainer, pl_module, self._params, n, self.loss_reduction)  # type: ignore[arg-type]
         if seen < n:  # type: ignore[operator]
             rank_zero_warn(f"calibration_samples={n} but the train dataloader yielded {seen} examples")
         self._calibration_examples = seen

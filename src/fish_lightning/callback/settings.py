@@ -11,6 +11,7 @@ from fish_lightning.core.candidates import validate_patterns
 from fish_lightning.core.selection import SCOPES, SELECTIONS
 
 ESTIMATORS = ("per_example", "batch_grad")
+REDUCTIONS = ("mean", "sum")
 NEEDS_FISHER = ("fisher", "reverse")
 
 
@@ -49,6 +50,7 @@ class FishSettings:
     sparse_optimizer_state: bool = False
     strict: bool = False
     reselect_every_n_steps: int | None = None
+    loss_reduction: str = "mean"
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -68,6 +70,7 @@ class FishSettings:
         check_choice("scope", self.scope, SCOPES)
         check_choice("selection", self.selection, SELECTIONS)
         check_choice("fisher_estimator", self.fisher_estimator, ESTIMATORS)
+        check_choice("loss_reduction", self.loss_reduction, REDUCTIONS)
         check_int("reselect_every_n_steps", self.reselect_every_n_steps, 1, none_ok=True)
         if self.reselect_every_n_steps is not None and self.selection == "random":
             raise ValueError("reselect_every_n_steps with selection='random' would only reshuffle the mask: "

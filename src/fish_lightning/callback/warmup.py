@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from fish_lightning.callback import distributed
+from fish_lightning.callback.calibration import eval_mode
 from fish_lightning.callback.settings import FishSettings
 from fish_lightning.core.fisher import (
     PerExampleSquaredGrads,
@@ -60,6 +62,7 @@ class WarmupFisher:
         self.skipped_nonfinite = 0
         self.hooks: PerExampleSquaredGrads | None = None
         self._armed: tuple[int, float] | None = None  # (batch size, factor) of the batch being captured
+        self.reduction_checked = False
 
     @property
     def active(self) -> bool:
@@ -113,8 +116,9 @@ class WarmupFisher:
         except (TypeError, IndexError) as err:
             self.fall_back(f"cannot size the batch: {err}")
             return
-        # training loss = mean over the batch / accumulate_grad_batches (* AMP loss scale): undo all three
-        self._armed = (n, (n * max(1, trainer.accumulate_grad_batches) / loss_scale(trainer)) ** 2)
+        # training loss = mean (or sum) over the batch / accumulate_grad_batches (* AMP loss scale): undo all three
+        per_example = n if self.settings.loss_reduction == "mean" else 1
+        self._armed = (n, (per_example * max(1, trainer.accumulate_grad_batches) / loss_scale(trainer)) ** 2)
         self.hooks.start_batch(*self._armed)
 
     def pause(self) -> None:
@@ -179,6 +183,33 @@ class WarmupFisher:
             )
         if restart:
             self.steps_done = 0
+
+    def check_reduction(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any) -> None:
+        """Once, on the first warmup batch: whether the training loss is the mean or the sum of the module's
+        ``fisher_loss(batch)`` (one extra forward in eval mode, no gradient, no RNG drawn); warn when it is not
+        what ``loss_reduction`` says. Without ``fisher_loss`` or a loss in ``outputs`` nothing can be compared."""
+        self.reduction_checked = True
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        fisher_loss = getattr(pl_module, "fisher_loss", None)
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not callable(fisher_loss):
+            return
+        n = batch_size(batch)
+        if n < 2:
+            return
+        with torch.no_grad(), eval_mode(pl_module):
+            per = fisher_loss(batch).detach().float()
+        total = float(loss) * max(1, trainer.accumulate_grad_batches)
+        mean, summed = float(per.mean()), float(per.sum())
+        if not (total > 0 and mean > 0):
+            return
+        observed = "mean" if abs(math.log(total / mean)) < abs(math.log(total / summed)) else "sum"
+        if observed != self.settings.loss_reduction:
+            rank_zero_warn(
+                f"FISH: the training loss ({total:.4g}) looks like the {observed} of fisher_loss over the batch of "
+                f"{n} (mean {mean:.4g}, sum {summed:.4g}), but loss_reduction={self.settings.loss_reduction!r}: "
+                f"the per-example Fisher is off by a factor of about {n}**2 per batch; pass "
+                f"loss_reduction={observed!r}"
+            )
 
     # ------------------------------------------------------------------ end of the phase
     def reduced_fisher(self, trainer: Any) -> dict[str, Tensor]:
