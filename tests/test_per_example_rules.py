@@ -190,6 +190,18 @@ def test_lora_with_gradient_checkpointing_squares_in_place(arch, reentrant):
     assert max(errs.values()) < TOL, sorted(errs.items(), key=lambda kv: -kv[1])[:3]
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_full_finetuning_with_gradient_checkpointing_general_rule_inside_checkpointed_layers(reentrant):
+    model = llama().train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    batch, loss_fn = lm_batch(), lm_loss(model)
+    ref, _ = per_example_fisher(loss_fn, batch, params)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    hooks = run_hooks(model, loss_fn, batch, params, use_backward=True)
+    assert hooks.fallback_modules and hooks.missed == set() and hooks.failures == {} and hooks.buffered == {}
+    assert max(rel_errs(hooks.sums, ref).values()) < TOL
+
+
 # ---------------------------------------------------------------------------------- the general rule
 class Gate(nn.Module):
     """No rule knows it: a parameter of its own used in forward, plus a child Linear."""
