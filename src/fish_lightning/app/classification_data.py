@@ -27,6 +27,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from fish_lightning.app.data_order import ResumableDataMixin, ResumableOrder
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -194,7 +196,7 @@ def subsample(rows: Sequence[Any], n: int | None, seed: int) -> list[Any]:
     return [rows[i] for i in idx]
 
 
-class TextClassificationData(pl.LightningDataModule):
+class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
     """Tokenised train/dev splits of a :data:`TASKS` task, dynamically padded per batch.
 
     Args:
@@ -210,6 +212,8 @@ class TextClassificationData(pl.LightningDataModule):
         group_by_length: draw training batches of similar lengths (``transformers``' ``LengthGroupedSampler``:
             random mega-batches of ~50 batches, sorted by length inside), so less padding is computed;
             ``False``: plain shuffling. Under DDP Lightning replaces the sampler with a distributed one.
+
+    The training order resumes mid-epoch from a checkpoint (:mod:`fish_lightning.app.data_order`).
     """
 
     def __init__(
@@ -247,6 +251,7 @@ class TextClassificationData(pl.LightningDataModule):
         if not isinstance(group_by_length, bool):
             raise DataError(f"group_by_length={group_by_length!r} must be true or false")
         self.group_by_length = group_by_length
+        self.order = ResumableOrder(seed)
         self.splits: dict[str, list[dict[str, Any]]] = {}
         if path is not None and self.spec.name != "tweets":
             for split in ("train", "dev"):  # fail fast on a bad path or columns, before any training
@@ -309,17 +314,16 @@ class TextClassificationData(pl.LightningDataModule):
             }
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
         train = self.splits["train"]
         if self.group_by_length:
             from transformers.trainer_pt_utils import LengthGroupedSampler
 
             lengths = [int(x["input_ids"].shape[0]) for x in train]
-            sampler = LengthGroupedSampler(self.batch_size, lengths=lengths, generator=gen)
-            return DataLoader(train, batch_size=self.batch_size, sampler=sampler, collate_fn=pad_collate,
-                              num_workers=self.num_workers)  # fmt: skip
-        return DataLoader(train, batch_size=self.batch_size, shuffle=True, generator=gen,
-                          collate_fn=pad_collate, num_workers=self.num_workers)  # fmt: skip
+            sampler = LengthGroupedSampler(self.batch_size, lengths=lengths, generator=self.order.generator)
+            return self.order.loader(train, batch_size=self.batch_size, sampler=sampler, collate_fn=pad_collate,
+                                     num_workers=self.num_workers)  # fmt: skip
+        return self.order.loader(train, batch_size=self.batch_size, collate_fn=pad_collate,
+                                 num_workers=self.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["dev"], batch_size=self.eval_batch_size, shuffle=False,

@@ -20,12 +20,10 @@ from typing import Any
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
-from fish_lightning.adapters.seeded_init import SEEDED_METHODS, seeded_init_
+from fish_lightning.adapters.models import apply_peft, build_peft_model, build_sequence_classifier
 from fish_lightning.app.classification_data import TextClassificationData
 from fish_lightning.app.classifier import SequenceClassifier
-
-SEEDED_INIT = SEEDED_METHODS  # per-tensor seeded adapter init (reproducible, exportable sparsely), as fish-train
+from fish_lightning.app.errors import config_error
 
 
 class PeftSequenceClassifier(SequenceClassifier):
@@ -61,10 +59,12 @@ class PeftSequenceClassifier(SequenceClassifier):
     ) -> None:
         if model_name is None and tiny_config is None:
             raise ValueError("model_name=None needs tiny_config: set model_name (e.g. 'minilm') or tiny_config")
-        net = build_sequence_classifier(model_name, num_labels, tiny_config, seed, **(model_kwargs or {}))
-        net = apply_peft(net, peft, **(peft_kwargs or {}))
-        if peft in SEEDED_INIT:
-            seeded_init_(net, seed)
+        net = build_peft_model(
+            lambda: build_sequence_classifier(model_name, num_labels, tiny_config, seed, **(model_kwargs or {})),
+            lambda base: apply_peft(base, peft, **(peft_kwargs or {})),
+            peft,
+            seed,
+        )
         super().__init__(net, num_labels=num_labels, metrics=metrics, lr=lr, weight_decay=weight_decay,
                          warmup_ratio=warmup_ratio)  # fmt: skip
         self.save_hyperparameters()  # load_from_checkpoint rebuilds the same model from these settings
@@ -85,20 +85,9 @@ class FishCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as err:  # our constructors' messages name the bad value and what would be valid
-            raise CLIConfigError(str(_innermost_value_error(err))) from err
-
-
-def _innermost_value_error(err: BaseException) -> BaseException:
-    """The deepest ``ValueError`` behind ``err``: the constructor's own, under jsonargparse's wrappers (which list
-    every type of a ``Union`` the value failed, e.g. for ``trainer.callbacks``)."""
-    found, seen = err, set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ValueError):
-            found = current
-        current = current.__cause__ or current.__context__
-    return found
+            # the deepest one: the constructor's own, under jsonargparse's wrappers (which list every type of a
+            # Union the value failed, e.g. for trainer.callbacks)
+            raise CLIConfigError(str(config_error(err, innermost=True))) from err
 
 
 def cli_main(args: ArgsType = None, run: bool = True, **kwargs: Any) -> FishCLI:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from fish_lightning.app.causal_lm import IGNORE_INDEX, CausalLM
 from fish_lightning.app.classification_data import TASKS, DataError, read_hub, read_tsv, split_file, subsample
+from fish_lightning.app.data_order import ResumableDataMixin, ResumableOrder
 
 SOURCES = ("jsonl", "hub", "sst2")
 SST2_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
@@ -125,7 +126,7 @@ def instruction_collate(pad_id: int):
     return collate
 
 
-class InstructionData(pl.LightningDataModule):
+class InstructionData(ResumableDataMixin, pl.LightningDataModule):
     """Tokenised instruction/response train and validation splits for :class:`~fish_lightning.app.causal_lm.CausalLM`.
 
     Args:
@@ -203,6 +204,7 @@ class InstructionData(pl.LightningDataModule):
         self.subsample_seed = seed if subsample_seed is None else subsample_seed
         self.splits: dict[str, list[dict[str, torch.Tensor]]] = {}
         self.pad_id = 0
+        self.order = ResumableOrder(seed)  # training order that resumes mid-epoch
         self.truncated = 0
         if source == "sst2" and path is not None:
             for split in ("train", "dev"):  # fail fast on a bad path, before any model work
@@ -307,9 +309,8 @@ class InstructionData(pl.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True, generator=gen,
-                          collate_fn=instruction_collate(self.pad_id), num_workers=self.num_workers)  # fmt: skip
+        return self.order.loader(self.splits["train"], batch_size=self.batch_size,
+                                 collate_fn=instruction_collate(self.pad_id), num_workers=self.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["dev"], batch_size=self.eval_batch_size, shuffle=False,

@@ -1,7 +1,11 @@
 """``fish-train``: the Hydra application. One run trains and writes ``results.json``; ``-m`` sweeps.
 
-Every run directory gets ``results.json`` (status, metrics, trainable counts, wall time; read by
-``fish-report``), ``config.yaml`` (the resolved config) and, with FISH on, ``mask_stats.json``.
+Every run directory ``D`` gets ``results.json`` (status, metrics, trainable counts, wall time; read by
+``fish-report``), ``config.yaml`` (the resolved config), what was trained (:mod:`fish_lightning.app.artifacts`:
+``adapter/`` in peft's format, or ``model/`` for full fine-tuning) and, with FISH on, ``fish_mask.safetensors``
+(:func:`fish_lightning.adapters.export.load_mask`) and ``mask_stats.json``. ``checkpoint.every_n_train_steps=N``
+writes ``D/checkpoints/last.ckpt``; ``hydra.run.dir=D resume=true`` continues from it
+(:mod:`fish_lightning.app.checkpointing`).
 """
 
 from __future__ import annotations
@@ -22,25 +26,22 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fish_lightning.adapters.export import save_sparse
-from fish_lightning.adapters.models import count_trainable
-from fish_lightning.adapters.seeded_init import SEEDED_METHODS, seeded_init_
+from fish_lightning.adapters.models import build_peft_model, count_trainable
+from fish_lightning.app.artifacts import save_artifacts
 from fish_lightning.app.causal_lm import CausalLM
+from fish_lightning.app.checkpointing import checkpoint_callbacks, resume_path
 from fish_lightning.app.classifier import SequenceClassifier
+from fish_lightning.app.errors import ConfigError, config_error
 from fish_lightning.app.instruction_data import InstructionData
+from fish_lightning.app.quiet import quiet_start
 from fish_lightning.callback.fisher_mask import FisherMaskCallback
+from fish_lightning.callback.settings import FishSettings
 from fish_lightning.core.budget import count_candidates, match_kept, sparsity_for_kept
 from fish_lightning.core.candidates import find_candidates
-from fish_lightning.core.selection import density_report
 
 log = logging.getLogger("fish_lightning")
 
-
-SEEDED_INIT = SEEDED_METHODS
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work (message names it and what would be valid)."""
+__all__ = ["ConfigError", "build_fish", "build_model", "config_error", "main", "run", "train"]
 
 
 def is_causal_lm(cfg: DictConfig) -> bool:
@@ -57,12 +58,31 @@ def _check_causal_pairing(cfg: DictConfig, data: Any) -> None:
     if not causal and isinstance(data, InstructionData):
         raise ConfigError(f"data={cfg.data.task} is instruction data for causal LMs but model={model} is a "
                           "classifier: use model=tiny_gpt2, tiny_llama, gpt2 or tinyllama")  # fmt: skip
-    decoder_peft = str(cfg.peft.get("_target_", "")).startswith("fish_lightning.adapters.decoders.")
+    decoder_peft = is_decoder_peft(cfg)
     if causal and not decoder_peft and cfg.peft.get("method") != "none":
         raise ConfigError(f"model={model} is a causal LM: use peft=lora_decoder (LoRA on every projection) or "
                           f"peft=none, not peft method {cfg.peft.get('method')!r} set up for classifiers")  # fmt: skip
     if not causal and decoder_peft:
         raise ConfigError(f"peft=lora_decoder is for causal LMs; model={model} is a classifier: use peft=lora")
+
+
+def is_decoder_peft(cfg: DictConfig) -> bool:
+    """Whether ``cfg.peft`` is set up for causal LMs: its explicit ``task_type: CAUSAL_LM`` (peft's own field)."""
+    return cfg.peft.get("task_type") == "CAUSAL_LM"
+
+
+def build_model(cfg: DictConfig, peft_cfg: Any = None) -> torch.nn.Module:
+    """``cfg.model.net`` wrapped with ``peft_cfg`` (default ``cfg.peft``), seeded adapter init
+    (:func:`fish_lightning.adapters.models.build_peft_model`)."""
+    peft_cfg = cfg.peft if peft_cfg is None else peft_cfg
+    return build_peft_model(lambda: instantiate(cfg.model.net), instantiate(peft_cfg), peft_cfg["method"], cfg.seed)
+
+
+def fish_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The ``fish`` config as the callback's constructor arguments."""
+    kwargs = OmegaConf.to_container(cfg.fish, resolve=True)
+    kwargs.pop("_target_")
+    return kwargs
 
 
 def fish_enabled(cfg: DictConfig) -> bool:
@@ -96,6 +116,12 @@ def _validate(cfg: DictConfig) -> None:
     if count_always_trained is not None and not isinstance(count_always_trained, bool):
         raise ConfigError(f"budget.count_always_trained={count_always_trained!r} must be true or false")
     if fish_enabled(cfg):
+        FishSettings(**fish_kwargs(cfg))  # the callback's own checks (sparsity range, names), before any model work
+        mask_path = cfg.fish.get("mask_path")
+        if mask_path is not None and not Path(mask_path).is_file():
+            raise ConfigError(f"fish.mask_path={mask_path!r} is not a file: give a fish_mask.safetensors of a run")
+        if mask_path is not None and (r is not None or kept is not None):
+            raise ConfigError(f"fish.mask_path={mask_path!r} fixes the kept entries: unset budget.r/budget.kept")
         max_epochs = cfg.trainer.get("max_epochs")
         mask_epoch = cfg.fish.get("mask_epoch")
         if mask_epoch is not None and max_epochs is not None and max_epochs >= 0 and mask_epoch >= max_epochs:
@@ -128,11 +154,11 @@ def _budget_kept(cfg: DictConfig, fish_kwargs: dict[str, Any], model: torch.nn.M
         else:  # the same peft method at rank r
             ref_peft = OmegaConf.to_container(cfg.peft, resolve=True)
             ref_peft["r"] = int(r)
-            reference = instantiate(ref_peft)(instantiate(cfg.model.net))
+            reference = build_model(cfg, ref_peft)
         if not count_always_trained:  # our candidate count is checked against it in build_fish
             return count_candidates(reference, include, exclude)
         if model is None:
-            model = instantiate(cfg.peft)(instantiate(cfg.model.net))
+            model = build_model(cfg)
         return match_kept(model, reference, include, exclude, count_always_trained=True)
 
 
@@ -140,8 +166,7 @@ def build_fish(cfg: DictConfig, model: torch.nn.Module) -> tuple[FisherMaskCallb
     """The FISH callback (``None`` when fish=off), with the sparsity resolved from the budget."""
     if not fish_enabled(cfg):
         return None, {}
-    kwargs = OmegaConf.to_container(cfg.fish, resolve=True)
-    kwargs.pop("_target_")
+    kwargs = fish_kwargs(cfg)
     info: dict[str, Any] = {}
     kept = _budget_kept(cfg, kwargs, model)
     if kept is not None:
@@ -154,50 +179,53 @@ def build_fish(cfg: DictConfig, model: torch.nn.Module) -> tuple[FisherMaskCallb
 
 
 def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Build everything from ``cfg``, fit, and return the result record (without status)."""
+    """Build everything from ``cfg``, fit (from ``out_dir``'s last checkpoint with ``resume``), save what was
+    trained, and return the result record (without status)."""
     _validate(cfg)
-    if fish_enabled(cfg):  # constructor validation (sparsity range, names) before any data or model work
-        FisherMaskCallback(**{k: v for k, v in OmegaConf.to_container(cfg.fish, resolve=True).items()
-                              if k != "_target_"})  # fmt: skip
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = instantiate(cfg.data)
     _check_causal_pairing(cfg, data)
-    model = instantiate(cfg.peft)(instantiate(cfg.model.net))
-    if cfg.peft.method in SEEDED_INIT:  # adapter init from per-tensor seeds: reproducible, exportable sparsely
-        seeded_init_(model, cfg.seed)
+    model = build_model(cfg)
     fish, budget_info = build_fish(cfg, model)
     if is_causal_lm(cfg):
         module: pl.LightningModule = CausalLM(model, **cfg.optim)
     else:
         module = SequenceClassifier(model, num_labels=data.num_labels, metrics=data.metrics, **cfg.optim)
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
-    callbacks = [fish] if fish is not None else []
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=data)
+    trainer = build_trainer(cfg, out_dir, fish)
+    ckpt_path = resume_path(out_dir, bool(cfg.get("resume")))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    dense_trainable = count_trainable(model)
     mode = getattr(data, "primary_metric_mode", "max")  # "min" for losses (causal LMs)
     record: dict[str, Any] = {"metrics": metrics, "primary_metric": f"val/{data.metrics[0]}",
-                              "primary_metric_mode": mode, **budget_info}  # fmt: skip
-    if fish is not None and fish.masks is not None:
-        non_candidates = dense_trainable - fish.num_candidates
-        record.update(candidates=fish.num_candidates, kept=fish.num_kept,
-                      trainable_params=fish.num_kept + non_candidates, always_trained=non_candidates,
-                      sparsity=fish.sparsity)  # fmt: skip
-        if trainer.is_global_zero:
-            stats = {"kept": fish.num_kept, "candidates": fish.num_candidates,
-                     "frozen_at_step": fish.freeze_step, "density": density_report(fish.masks)}  # fmt: skip
-            (out_dir / "mask_stats.json").write_text(json.dumps(stats, indent=1))
-            if cfg.get("export"):
-                exp = save_sparse(module, fish.masks, out_dir / "adapter.fish.safetensors")
-                record["export"] = {k: exp[k] for k in ("bytes", "dense_bytes", "ratio", "dense_fallback")}
-    elif fish is not None:
-        raise RuntimeError("FISH never froze a mask: the run ended before the freeze point (check mask_epoch)")
-    else:
-        record.update(candidates=None, kept=None, trainable_params=dense_trainable, always_trained=None,
-                      sparsity=None)  # fmt: skip
+                              "primary_metric_mode": mode, "resumed_from": ckpt_path, **budget_info}  # fmt: skip
+    record.update(_counts(fish, count_trainable(model)))
+    if trainer.is_global_zero:
+        record["artifacts"] = save_artifacts(out_dir, module, fish, export=bool(cfg.get("export")))
+        if "export" in record["artifacts"]:
+            record["export"] = record["artifacts"].pop("export")
     return record
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, fish: FisherMaskCallback | None) -> pl.Trainer:
+    """The ``cfg.trainer`` Trainer with the FISH callback, ``cfg.callbacks``, checkpoints and loggers."""
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    checkpoints = checkpoint_callbacks((cfg.get("checkpoint") or {}).get("every_n_train_steps"), out_dir)
+    extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = ([fish] if fish is not None else []) + extra + checkpoints
+    options: dict[str, Any] = {"enable_checkpointing": True} if checkpoints else {}
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **options)
+
+
+def _counts(fish: FisherMaskCallback | None, dense_trainable: int) -> dict[str, Any]:
+    """Candidates, kept and trainable entries of the run (``None`` where FISH is off)."""
+    if fish is None:
+        return dict(candidates=None, kept=None, trainable_params=dense_trainable, always_trained=None, sparsity=None)
+    if fish.masks is None:
+        raise RuntimeError("FISH never froze a mask: the run ended before the freeze point (check mask_epoch)")
+    non_candidates = dense_trainable - fish.num_candidates
+    return dict(candidates=fish.num_candidates, kept=fish.num_kept, trainable_params=fish.num_kept + non_candidates,
+                always_trained=non_candidates, sparsity=fish.sparsity)  # fmt: skip
 
 
 def _base_record(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -226,6 +254,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, overrides: list[str]
         out_dir = HydraConfig.get().runtime.output_dir
     if overrides is None:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    quiet_start()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -247,18 +276,9 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, overrides: list[str]
     return record
 
 
-def config_error(err: BaseException) -> ValueError | None:
-    """The ``ValueError`` (bad value) behind ``err``, unwrapping Hydra's ``InstantiationException``."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, ValueError):
-            return seen
-        seen = seen.__cause__
-    return None
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_start()
     try:
         record = run(cfg)
     except Exception as err:

@@ -1,0 +1,72 @@
+"""What ``fish-train`` keeps in a run directory ``D`` after training.
+
+- ``D/adapter/``: a peft model's ``save_pretrained`` (``adapter_config.json`` + ``adapter_model.safetensors``, the
+  classifier head included where peft saves it, ``modules_to_save``). Reload with
+  ``PeftModel.from_pretrained(base, D / "adapter")`` on the same base model (for the tiny random models: the same
+  ``seed``). Our bottleneck adapters (houlsby, pfeiffer) are not peft's: their trainable tensors go to
+  ``D/adapter/trainable.safetensors`` (names as in the model's ``named_parameters()``).
+- ``D/model/``: full fine-tuning (``peft=none``): the model's own ``save_pretrained`` (transformers format).
+- ``D/fish_mask.safetensors``: the FISH mask, bit-packed, names as in the LightningModule's
+  ``named_parameters()`` (as ``FisherMaskCallback.masks``); :func:`fish_lightning.adapters.export.load_mask`
+  reads it back, ``fish.mask_path=D/fish_mask.safetensors`` trains with it.
+- ``D/mask_stats.json``: kept/candidate counts, the freeze step, per-tensor density.
+- ``D/adapter.fish.safetensors`` with ``export=true``: the sparse export
+  (:func:`fish_lightning.adapters.export.save_sparse`, only the changed entries).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+
+from fish_lightning.adapters.export import save_mask, save_sparse
+from fish_lightning.callback.fisher_mask import FisherMaskCallback
+from fish_lightning.core.selection import density_report
+
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+MASK_FILE = "fish_mask.safetensors"
+SPARSE_FILE = "adapter.fish.safetensors"
+
+
+def save_model(model: nn.Module, run_dir: Path) -> str:
+    """Save the trained ``model`` (peft-wrapped or not) under ``run_dir``; returns the folder's name."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(run_dir / ADAPTER_DIR))
+        return ADAPTER_DIR
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    total = sum(1 for _ in model.parameters())
+    if len(trainable) < total:  # an adapter outside peft (our bottleneck adapters): its tensors and the head
+        from safetensors.torch import save_file
+
+        (run_dir / ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
+        save_file(trainable, str(run_dir / ADAPTER_DIR / "trainable.safetensors"))
+        return ADAPTER_DIR
+    model.save_pretrained(str(run_dir / MODEL_DIR))  # full fine-tuning: a transformers model
+    return MODEL_DIR
+
+
+def save_artifacts(
+    run_dir: Path, module: pl.LightningModule, fish: FisherMaskCallback | None, export: bool = False
+) -> dict[str, Any]:
+    """Write the run's artifacts (module doc) and return ``{kind: file or folder name}``, plus
+    ``"export"`` (the sparse export's size report) with ``export``."""
+    out: dict[str, Any] = {"model": save_model(module.model, run_dir)}
+    if fish is None or fish.masks is None:
+        return out
+    save_mask(fish.masks, run_dir / MASK_FILE)
+    out["mask"] = MASK_FILE
+    stats = {"kept": fish.num_kept, "candidates": fish.num_candidates, "frozen_at_step": fish.freeze_step,
+             "density": density_report(fish.masks)}  # fmt: skip
+    (run_dir / "mask_stats.json").write_text(json.dumps(stats, indent=1))
+    if export:
+        exp = save_sparse(module, fish.masks, run_dir / SPARSE_FILE)
+        out["sparse"] = SPARSE_FILE
+        out["export"] = {k: exp[k] for k in ("bytes", "dense_bytes", "ratio", "dense_fallback")}
+    return out
