@@ -123,6 +123,22 @@ def test_dora_identity_probe_is_not_a_call_when_batch_equals_width():
     assert max(rel_errs(hooks.sums, ref).values()) < TOL
 
 
+def test_lokr_with_low_rank_factors():
+    """Both Kronecker factors low-rank (``lokr_w1_a/_b``, ``lokr_w2_a/_b``): the chain rule through them."""
+    torch.manual_seed(0)
+    wide = {**TINY, "hidden_size": 128, "intermediate_size": 128}
+    model = apply_peft(build_sequence_classifier(num_labels=2, tiny_config=wide), method="lokr", r=2, alpha=4,
+                       decompose_both=True, target_modules=["query", "value"]).eval()  # fmt: skip
+    randomize_zeros(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".")[-2] for n in params if "lokr" in n} == {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}
+    batch, loss_fn = bert_batch(), bert_loss(model)
+    ref, _ = per_example_fisher(loss_fn, batch, params)
+    hooks = run_hooks(model, loss_fn, batch, params)
+    assert hooks.fallback_modules == [] and hooks.missed == set() and hooks.buffered == {}
+    assert max(rel_errs(hooks.sums, ref).values()) < TOL
+
+
 def llama(lora=False, **cfg):
     model = build_causal_lm(tiny_config={**CONFIGS["llama"], **cfg})
     if lora:

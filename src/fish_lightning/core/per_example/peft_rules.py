@@ -162,11 +162,15 @@ class _DeltaWeightRule(Rule):
         b = g.shape[0]
         g, x = flat_tokens(g, b), flat_tokens(x, b)
         for s in batch_chunks(b, g.shape[-1] * x.shape[-1]):
-            G = matmul_weight_grads(g[s], x[s])  # [b, out, in]
             out: dict[str, Tensor] = {}
             for a in active:
-                out.update({f"{k}.{a}": v for k, v in self.factor_grads(module, a, G).items() if f"{k}.{a}" in attrs})
+                grads = self.chunk_grads(module, a, g[s], x[s])
+                out.update({f"{k}.{a}": v for k, v in grads.items() if f"{k}.{a}" in attrs})
             yield out
+
+    def chunk_grads(self, module: nn.Module, adapter: str, g: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """Per-example factor gradients of a batch chunk (``g``: ``[b, T, out]``, ``x``: ``[b, T, in]``)."""
+        return self.factor_grads(module, adapter, matmul_weight_grads(g, x))  # G: [b, out, in]
 
 
 def _is_loha_linear(m: nn.Module) -> bool:
@@ -216,11 +220,25 @@ class LoKrRule(_DeltaWeightRule):
         )
         return fa @ fb, fa, fb
 
-    def factor_grads(self, module, a, G):
+    def chunk_grads(self, module, a, g, x):
+        """Without ``G``: ``dw1 = sum_t g_t[m, p] w2 x_t[n, q]^T``, ``dw2 = sum_t g_t[m, p]^T w1 x_t[n, q]``."""
+        (w1, w1a, w1b), (w2, w2a, w2b) = self._factor(module, a, "w1"), self._factor(module, a, "w2")
+        (m, n), (p, q) = w1.shape, w2.shape
+        b, t = g.shape[:2]
+        g, x = g.reshape(b, t, m, p) * float(module.scaling[a]), x.reshape(b, t, n, q)
+        d1 = torch.einsum("btiq,btjq->bij", g @ w2, x)
+        d2 = torch.einsum("btjp,btjq->bpq", torch.einsum("btip,ij->btjp", g, w1), x)
+        return self._chain(d1, d2, w1a, w1b, w2a, w2b)
+
+    def factor_grads(self, module, a, G):  # the same from G (reference; chunk_grads is what runs)
         (w1, w1a, w1b), (w2, w2a, w2b) = self._factor(module, a, "w1"), self._factor(module, a, "w2")
         (m, n), (p, q) = w1.shape, w2.shape
         G = G.reshape(G.shape[0], m, p, n, q) * float(module.scaling[a])
         d1, d2 = torch.einsum("bipjq,pq->bij", G, w2), torch.einsum("bipjq,ij->bpq", G, w1)
+        return self._chain(d1, d2, w1a, w1b, w2a, w2b)
+
+    @staticmethod
+    def _chain(d1, d2, w1a, w1b, w2a, w2b):
         out: dict[str, Tensor] = {}
         for name, d, fa, fb in (("w1", d1, w1a, w1b), ("w2", d2, w2a, w2b)):
             if fa is None:
