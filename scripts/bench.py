@@ -75,7 +75,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="2-layer random BERT (seconds)")
     ap.add_argument("--method", default="lora", choices=["lora", "dora"])
@@ -85,26 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench.json")
-    args = ap.parse_args(argv)
-    rounds = args.rounds or (3 if args.tiny else 7)
-    torch.set_num_threads(args.threads)
+    return ap.parse_args(argv)
 
-    model, batch = build(args.tiny, args.method, args.batch, args.length)
-    names = find_candidates(model)
-    named = dict(model.named_parameters())
-    params = {n: named[n] for n in names}
+
+def variants(model, batch, params: dict, hook_f: dict, args: argparse.Namespace) -> tuple[dict, dict]:
+    """The timed functions (Fisher estimators, training steps) and the masks of the masked step."""
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def loss_fn(b):
         return per_example_losses(model, b)
 
-    # ---------------------------------------------------------------- correctness: hooks vs loop
-    loop_f, _ = per_example_fisher(loss_fn, batch, params)
-    hook_f, _ = per_example_fisher_hooks(loss_fn, batch, model, params)
-    floor = 1e-6 * max(float(f.max()) for f in loop_f.values())
-    rel_err = max(float((hook_f[n] - loop_f[n]).abs().max()) / max(float(loop_f[n].abs().max()), floor) for n in names)
-
-    # ---------------------------------------------------------------- Fisher estimators
     fisher = zeros_like_params(params)
 
     def plain():
@@ -121,7 +111,6 @@ def main(argv: list[str] | None = None) -> dict:
     def loop():
         per_example_fisher(loss_fn, batch, params, fisher)
 
-    # ---------------------------------------------------------------- training steps
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)
     pe = PerExampleSquaredGrads(model, params)
     masks = select_masks(hook_f, args.sparsity)
@@ -142,25 +131,58 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         pe.detach()
 
-    guard = FrozenEntryGuard(opt, {params[n]: m for n, m in masks.items()})
-    guard.remove()
+    masked_opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)  # its step hooks: the frozen-entry guard
+    FrozenEntryGuard(masked_opt, {params[n]: m for n, m in masks.items()})
 
     def masked_step():  # after the freeze: masked gradients + frozen-entry guard around the step
-        opt.zero_grad(set_to_none=True)
+        masked_opt.zero_grad(set_to_none=True)
         loss_fn(batch).mean().backward()
         mask_gradients(params, masks)
-        guard._pre(opt, (), {})
-        opt.step()
-        guard._post(opt, (), {})
+        masked_opt.step()
 
-    variants = {"plain_fwd_bwd": plain, "fisher_hooks": hooks, "fisher_batch_grad": batch_grad,
-                "fisher_loop": loop, "step_vanilla": vanilla_step, "step_warmup_fisher": warmup_step,
-                "step_masked": masked_step}  # fmt: skip
-    for fn in variants.values():  # warm up allocator and kernels
+    fns = {"plain_fwd_bwd": plain, "fisher_hooks": hooks, "fisher_batch_grad": batch_grad,
+           "fisher_loop": loop, "step_vanilla": vanilla_step, "step_warmup_fisher": warmup_step,
+           "step_masked": masked_step}  # fmt: skip
+    return fns, masks
+
+
+def print_result(result: dict, args: argparse.Namespace) -> None:
+    med, rounds = result["median_s"], result["rounds"]
+    print(f"{result['model']} + {args.method} r=8 (query,value), batch {args.batch} x {args.length} tokens, "
+          f"{args.threads} threads, median of {rounds} interleaved rounds")  # fmt: skip
+    print(f"{'measurement':38s} {'median s':>10s}")
+    for k, v in med.items():
+        print(f"{k:38s} {v:10.4f}")
+    print(f"\n{'ratio':38s} {'value':>10s}")
+    for k, v in result["ratios"].items():
+        print(f"{k:38s} {v:10.3f}")
+    print(f"\nper-example Fisher, hooks vs loop: max rel. error {result['hooks_vs_loop_max_rel_err']:.2e}")
+    print(f"callback memory after the freeze: {result['resident_bytes_per_candidate_after_freeze']:.2f} B/candidate "
+          f"(bool masks); peak RSS {result['peak_rss_mib']:.0f} MiB")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    rounds = args.rounds or (3 if args.tiny else 7)
+    torch.set_num_threads(args.threads)
+
+    model, batch = build(args.tiny, args.method, args.batch, args.length)
+    names = find_candidates(model)
+    named = dict(model.named_parameters())
+    params = {n: named[n] for n in names}
+
+    # correctness: hooks vs loop
+    loop_f, _ = per_example_fisher(lambda b: per_example_losses(model, b), batch, params)
+    hook_f, _ = per_example_fisher_hooks(lambda b: per_example_losses(model, b), batch, model, params)
+    floor = 1e-6 * max(float(f.max()) for f in loop_f.values())
+    rel_err = max(float((hook_f[n] - loop_f[n]).abs().max()) / max(float(loop_f[n].abs().max()), floor) for n in names)
+
+    fns, masks = variants(model, batch, params, hook_f, args)
+    for fn in fns.values():  # warm up allocator and kernels
         fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
-        for k, fn in variants.items():
+        for k, fn in fns.items():
             times[k].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
 
@@ -189,17 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         "resident_bytes_per_candidate_after_freeze": mask_bytes / candidates,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    print(f"{result['model']} + {args.method} r=8 (query,value), batch {args.batch} x {args.length} tokens, "
-          f"{args.threads} threads, median of {rounds} interleaved rounds")  # fmt: skip
-    print(f"{'measurement':38s} {'median s':>10s}")
-    for k, v in med.items():
-        print(f"{k:38s} {v:10.4f}")
-    print(f"\n{'ratio':38s} {'value':>10s}")
-    for k, v in result["ratios"].items():
-        print(f"{k:38s} {v:10.3f}")
-    print(f"\nper-example Fisher, hooks vs loop: max rel. error {rel_err:.2e}")
-    print(f"callback memory after the freeze: {result['resident_bytes_per_candidate_after_freeze']:.2f} B/candidate "
-          f"(bool masks); peak RSS {result['peak_rss_mib']:.0f} MiB")  # fmt: skip
+    print_result(result, args)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return result

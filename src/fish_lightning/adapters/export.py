@@ -294,17 +294,24 @@ def _warn_dense_fallback(fallback: list[tuple[str, str]], masked: int) -> None:
 # ------------------------------------------------------------------------------------------ load
 def read_sparse(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``(metadata, tensors)`` of a file written by :func:`save_sparse` (CPU tensors)."""
+    return _read_safetensors(path, META_KEY, FORMAT, "a fish sparse export")
+
+
+def _read_safetensors(
+    path: str | os.PathLike, key: str, fmt: str, what: str
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(JSON metadata under key, tensors)`` of one of our safetensors files, checking its format and version."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(META_KEY)
+        raw = (f.metadata() or {}).get(key)
         if raw is None:
-            raise ValueError(f"{path} is not a fish sparse export: its safetensors metadata has no {META_KEY!r} entry")
+            raise ValueError(f"{path} is not {what}: its safetensors metadata has no {key!r} entry")
         meta = json.loads(raw)
-        if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+        if meta.get("format") != fmt or not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
             raise ValueError(
                 f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} is not readable here "
-                f"(expected format {FORMAT!r}, version <= {VERSION})"
+                f"(expected format {fmt!r}, version <= {VERSION})"
             )
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     return meta, tensors
@@ -362,7 +369,27 @@ def load_sparse(path: str | os.PathLike, model: nn.Module, *, verify: bool = Tru
                 "checkpoint / seed / dtype), or pass verify=False"
             )
 
-    sparse = {k: s for k, s in info.items() if s["encoding"] != "dense"}
+    refs = _load_references(path, meta, model, target, where, verify)
+    absent = [k for k, s in info.items() for t in _stored_keys(k, s) if t not in tensors]
+    if absent:
+        raise ValueError(f"{path} is corrupt: its metadata lists tensors {absent[:4]} the file does not hold")
+    for key, spec in info.items():
+        param = target[key]
+        full = tensors[key] if spec["encoding"] == "dense" else _rebuild(path, key, spec, refs[key], tensors)
+        param.copy_(full.reshape(param.shape).to(device=param.device, dtype=param.dtype))
+    return model
+
+
+def _load_references(
+    path: str | os.PathLike,
+    meta: Mapping[str, Any],
+    model: nn.Module,
+    target: Mapping[str, Tensor],
+    where: Mapping[str, str],
+    verify: bool,
+) -> dict[str, Tensor]:
+    """File key -> the value the frozen entries of each sparse tensor are rebuilt from (see :func:`load_sparse`)."""
+    sparse = {k: s for k, s in meta["tensors"].items() if s["encoding"] != "dense"}
     init_keys = [where[k] for k, s in sparse.items() if s["ref"] == "init"]
     inits = init_values(model, meta.get("init_seed"), init_keys) if init_keys else {}
     refs: dict[str, Tensor] = {}
@@ -385,31 +412,25 @@ def load_sparse(path: str | os.PathLike, model: nn.Module, *, verify: bool = Tru
                 + "verify=False loads anyway"
             )
         refs[key] = ref
-    absent = [k for k, s in info.items() for t in _stored_keys(k, s) if t not in tensors]
-    if absent:
-        raise ValueError(f"{path} is corrupt: its metadata lists tensors {absent[:4]} the file does not hold")
-    for key, spec in info.items():
-        param = target[key]
-        if spec["encoding"] == "dense":
-            full = tensors[key]
-        else:
-            full = refs[key].reshape(-1).clone()
-            if spec["encoding"] != "frozen":
-                idx = decode_indices(spec["encoding"], tensors[f"{key}:{spec['encoding']}"], full.numel())
-                values = tensors[f"{key}:values"]
-                if (
-                    idx.numel() != spec["kept"]
-                    or values.numel() != spec["kept"]
-                    or (spec["kept"] and int(idx[-1]) >= full.numel())
-                ):
-                    raise ValueError(
-                        f"{path}: tensor {key!r} is corrupt: {idx.numel()} indices and {values.numel()} values "
-                        f"for kept={spec['kept']} entries of {full.numel()}"
-                    )
-                full[idx] = values.to(full.dtype)
-            full = full.reshape(param.shape)
-        param.copy_(full.to(device=param.device, dtype=param.dtype))
-    return model
+    return refs
+
+
+def _rebuild(
+    path: str | os.PathLike, key: str, spec: Mapping[str, Any], ref: Tensor, tensors: Mapping[str, Tensor]
+) -> Tensor:
+    """The flat full value of a sparse tensor: ``ref`` with the stored kept entries written in."""
+    full = ref.reshape(-1).clone()
+    if spec["encoding"] == "frozen":
+        return full
+    idx = decode_indices(spec["encoding"], tensors[f"{key}:{spec['encoding']}"], full.numel())
+    values = tensors[f"{key}:values"]
+    if idx.numel() != spec["kept"] or values.numel() != spec["kept"] or (spec["kept"] and int(idx[-1]) >= full.numel()):
+        raise ValueError(
+            f"{path}: tensor {key!r} is corrupt: {idx.numel()} indices and {values.numel()} values "
+            f"for kept={spec['kept']} entries of {full.numel()}"
+        )
+    full[idx] = values.to(full.dtype)
+    return full
 
 
 def load_sparse_into_base(path: str | os.PathLike, base_model: nn.Module, *, verify: bool = True) -> nn.Module:
@@ -462,17 +483,8 @@ def load_mask(path: str | os.PathLike, model: nn.Module | None = None) -> dict[s
 
     With ``model``, also :func:`check_mask` it against ``model.named_parameters()`` (``ValueError`` naming the
     first name or shape that does not fit)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(MASK_META_KEY)
-        if raw is None:
-            raise ValueError(f"{path} is not a FISH mask file: its safetensors metadata has no {MASK_META_KEY!r} entry")
-        meta = json.loads(raw)
-        if meta.get("format") != MASK_FORMAT or not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-            raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} is not readable "
-                             f"here (expected format {MASK_FORMAT!r}, version <= {VERSION})")  # fmt: skip
-        masks = {n: unpack_mask(f.get_tensor(n), tuple(shape)) for n, shape in meta["shapes"].items()}
+    meta, packed = _read_safetensors(path, MASK_META_KEY, MASK_FORMAT, "a FISH mask file")
+    masks = {n: unpack_mask(packed[n], tuple(shape)) for n, shape in meta["shapes"].items()}
     if model is not None:
         check_mask(masks, model, where=str(path))
     return masks
