@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from fish_lightning.core.fisher import batch_size, per_example_fisher_hooks, slice_batch, zeros_like_params
@@ -39,6 +40,8 @@ def calibrate_fisher(
             seen += n
             if seen >= n_samples:
                 break
+    if seen < n_samples:
+        rank_zero_warn(f"calibration_samples={n_samples} but the train dataloader yielded {seen} examples")
     return fisher, seen
 
 

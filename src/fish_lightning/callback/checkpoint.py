@@ -11,7 +11,9 @@ from typing import Any
 from torch import Tensor
 
 from fish_lightning.callback import distributed
+from fish_lightning.callback.frozen import FrozenMask
 from fish_lightning.core.masking import pack_mask, unpack_mask
+from fish_lightning.core.sharding import local_rows
 
 #: settings a resumed run must share with the checkpoint (they decide which entries are kept)
 CHECKED_SETTINGS = ("sparsity", "selection", "scope", "seed")
@@ -37,8 +39,56 @@ def unpack_masks(packed: dict[str, Tensor], shapes: dict[str, Any]) -> dict[str,
     return {n: unpack_mask(p, tuple(shapes[n])) for n, p in packed.items()}
 
 
-def kept_of_packed(packed: dict[str, Tensor], numel: dict[str, int]) -> dict[str, int]:
-    return {n: int(unpack_mask(p, (numel[n],)).sum()) for n, p in packed.items()}
+def restore_mask(state: dict[str, Any], params: dict[str, Any], sharded: set[str]) -> FrozenMask | None:
+    """The checkpoint's mask on this fit's candidates (this rank's rows, on the parameters' devices), with its
+    counters and re-selection Fisher; ``None`` when the checkpoint was written before the freeze."""
+    if state.get("masks") is None:
+        return None
+    whole = unpack_masks(state["masks"], {n: p.shape for n, p in params.items()})
+    masks = {n: (local_rows(m, params[n]) if n in sharded else m).to(params[n].device) for n, m in whole.items()}
+    mask = FrozenMask(masks, {n: int(m.sum()) for n, m in whole.items()}, own_digests(state.get("digests")),
+                      state.get("frozen_at_step"))  # fmt: skip
+    mask.steps_since_select = int(state.get("steps_since_select", 0))
+    mask.reselections = int(state.get("reselections", 0))
+    if state.get("refisher") is not None:
+        mask.refisher = {n: t.to(params[n].device) for n, t in state["refisher"].items()}
+    return mask
+
+
+def preview_mask(state: dict[str, Any] | None, shapes: dict[str, Any] | None) -> FrozenMask | None:
+    """The checkpoint's mask as whole CPU tensors given the candidates' shapes, bound to no model (a checkpoint
+    loaded outside fit: ``cb.masks`` and ``cb.verify(module)``)."""
+    if state is None or state.get("masks") is None or shapes is None:
+        return None
+    masks = unpack_masks(state["masks"], shapes)
+    return FrozenMask(masks, {n: int(m.sum()) for n, m in masks.items()}, own_digests(state.get("digests")),
+                      state.get("frozen_at_step"))  # fmt: skip
+
+
+def mask_state(trainer: Any, mask: FrozenMask | None, params: dict[str, Any], sharded: set[str]) -> dict[str, Any]:
+    """The checkpoint keys of the frozen phase (collectives when candidates are sharded)."""
+    if mask is None:
+        return {"masks": None, "digests": None, "refisher": None, "steps_since_select": 0}
+    return {
+        "masks": pack_masks(mask.masks, params, sharded),
+        "digests": digests_for_checkpoint(trainer, mask.digests, sharded),
+        "refisher": {n: f.detach().cpu() for n, f in mask.refisher.items()} if mask.refisher is not None else None,
+        "steps_since_select": mask.steps_since_select,
+    }
+
+
+def whole_copies(tensors: dict[str, Tensor] | None, params: dict[str, Any], sharded: set[str]) -> dict | None:
+    """Whole CPU copies of per-candidate tensors (sharded ones gathered: a collective)."""
+    if tensors is None:
+        return None
+    return {n: (distributed.gather_whole(t, params[n]) if n in sharded else t).detach().cpu()
+            for n, t in tensors.items()}  # fmt: skip
+
+
+def local_copies(tensors: dict[str, Tensor], params: dict[str, Any], sharded: set[str]) -> dict[str, Tensor]:
+    """This rank's part of whole checkpointed tensors, copied onto the parameters' devices."""
+    return {n: (local_rows(tensors[n], p) if n in sharded else tensors[n]).to(p.device, copy=True)
+            for n, p in params.items()}  # fmt: skip
 
 
 def digests_for_checkpoint(trainer: Any, digests: dict[str, str] | None, sharded: set[str]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
@@ -46,6 +47,21 @@ def check_fit(settings: FishSettings, trainer: Any, pl_module: nn.Module) -> Non
         rank_zero_warn(
             f"FISH assumes one optimizer; this run has {len(trainer.optimizers)}: warmup steps and the Fisher "
             "are counted per optimizer.step() call"
+        )
+
+
+def warn_short_warmup(settings: FishSettings, trainer: Any) -> None:
+    """Warn when fewer optimizer steps than ``warmup_steps`` run before ``mask_epoch`` (a partial accumulation
+    window at an epoch's end is one step)."""
+    s = settings
+    if s.mask_epoch is None or s.warmup_steps == 0 or not s.accumulates_warmup:
+        return
+    batches = trainer.num_training_batches
+    per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches)) if math.isfinite(batches) else math.inf
+    if per_epoch * s.mask_epoch < s.warmup_steps:
+        rank_zero_warn(
+            f"warmup_steps={s.warmup_steps} but only {per_epoch * s.mask_epoch} optimizer "
+            f"steps run before mask_epoch={s.mask_epoch}: the Fisher will use those steps only"
         )
 
 

@@ -22,13 +22,11 @@ Lifecycle, in optimizer steps:
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -37,16 +35,15 @@ from torch.optim import Optimizer
 from fish_lightning.callback import checkpoint as ckpt
 from fish_lightning.callback import distributed
 from fish_lightning.callback.calibration import calibrate_fisher
-from fish_lightning.callback.checks import check_fit, check_strategy
+from fish_lightning.callback.checks import check_fit, check_strategy, warn_short_warmup
 from fish_lightning.callback.enforcer import MaskEnforcer
-from fish_lightning.callback.frozen import FrozenMask
+from fish_lightning.callback.frozen import FrozenMask, report_verify
 from fish_lightning.callback.settings import FishSettings
 from fish_lightning.callback.step_gate import StepGate
-from fish_lightning.callback.warmup import WarmupFisher, inverse_loss_scale, snapshot
+from fish_lightning.callback.warmup import WarmupFisher, inverse_loss_scale, rewind_frozen_, snapshot
 from fish_lightning.core.candidates import find_candidates
 from fish_lightning.core.fisher import zeros_like_params
 from fish_lightning.core.selection import num_kept, select_masks, selection_scores
-from fish_lightning.core.sharding import local, local_rows
 
 
 class FisherMaskCallback(Callback):
@@ -278,30 +275,15 @@ class FisherMaskCallback(Callback):
         self.warmup.restore(None if packed is not None else restored.get("fisher"), int(restored["warmup_done"]),
                             int(restored.get("skipped_nonfinite", 0)), restored.get("fisher_estimator"))  # fmt: skip
         self._calibration_examples = int(restored.get("fisher_examples", 0))
-        if packed is not None:
-            whole = ckpt.unpack_masks(packed, {n: p.shape for n, p in self._params.items()})
-            masks = {n: self._local_part(m, n).to(self._params[n].device) for n, m in whole.items()}
-            kept = {n: int(m.sum()) for n, m in whole.items()}
-            digests = ckpt.own_digests(restored.get("digests"))
-            self.mask = FrozenMask(masks, kept, digests, restored.get("frozen_at_step"))
-            self.mask.steps_since_select = int(restored.get("steps_since_select", 0))
-            self.mask.reselections = int(restored.get("reselections", 0))
-            if restored.get("refisher") is not None:
-                self.mask.refisher = {n: t.to(self._params[n].device) for n, t in restored["refisher"].items()}
+        self.mask = ckpt.restore_mask(restored, self._params, self._sharded)
+        if self.mask is not None:
             self._init_state = None
-            self.enforcer.install(trainer.optimizers, self._params, masks)  # before Lightning loads optimizer state
+            self.enforcer.install(trainer.optimizers, self._params, self.mask.masks)  # before optimizer state loads
         else:
-            self.mask = None
             if self.warmup.fisher is None and self.settings.accumulates_warmup:
                 self.warmup.fisher = zeros_like_params(self._params)
             if self._init_state is not None and restored.get("init_state") is not None:
-                init = restored["init_state"]
-                self._init_state = {n: self._local_part(init[n], n).to(p.device, copy=True)
-                                    for n, p in self._params.items()}  # fmt: skip
-
-    def _local_part(self, full: Tensor, name: str) -> Tensor:
-        """This rank's rows of a whole tensor restored from a checkpoint (the whole tensor if not sharded)."""
-        return local_rows(full, self._params[name]) if name in self._sharded else full
+                self._init_state = ckpt.local_copies(restored["init_state"], self._params, self._sharded)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._gate.watch(trainer.optimizers)
@@ -314,14 +296,7 @@ class FisherMaskCallback(Callback):
             self._freeze(trainer, pl_module)
             return
         self.warmup.attach(pl_module)  # type: ignore[union-attr]
-        if s.mask_epoch is not None and s.warmup_steps > 0 and s.accumulates_warmup:
-            per_epoch = math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)) \
-                if math.isfinite(trainer.num_training_batches) else math.inf  # fmt: skip
-            if per_epoch * s.mask_epoch < s.warmup_steps:
-                rank_zero_warn(
-                    f"warmup_steps={s.warmup_steps} but only {per_epoch * s.mask_epoch} optimizer "
-                    f"steps run before mask_epoch={s.mask_epoch}: the Fisher will use those steps only"
-                )
+        warn_short_warmup(s, trainer)
 
     # ------------------------------------------------------------------ per batch: dispatch
     def on_train_batch_start(
@@ -383,10 +358,7 @@ class FisherMaskCallback(Callback):
                 fisher = warmup.reduced_fisher(trainer)  # type: ignore[union-attr]
         masks, kept = self._select(trainer, fisher)
         if self._init_state is not None:  # rewind_frozen
-            with torch.no_grad():
-                for n, m in masks.items():
-                    p = local(self._params[n]).detach()
-                    p.copy_(torch.where(m, p, self._init_state[n]))
+            rewind_frozen_(self._params, masks, self._init_state)
             self._init_state = None
         self.mask = FrozenMask.select(masks, kept, self._params, trainer.global_step)
         self._kept_fisher = {n: f.detach().cpu() for n, f in fisher.items()} if self.keep_fisher and fisher else None
@@ -417,27 +389,13 @@ class FisherMaskCallback(Callback):
         self._log_masks(trainer)
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        n = self.calibration_samples
-        fisher, seen = calibrate_fisher(trainer, pl_module, self._params, n, self.loss_reduction)  # type: ignore[arg-type]
-        if seen < n:  # type: ignore[operator]
-            rank_zero_warn(f"calibration_samples={n} but the train dataloader yielded {seen} examples")
-        self._calibration_examples = seen
+        fisher, self._calibration_examples = calibrate_fisher(
+            trainer, pl_module, self._params, self.calibration_samples, self.loss_reduction  # type: ignore[arg-type]
+        )
         return fisher
 
     def _log_masks(self, trainer: pl.Trainer) -> None:
-        mask = self.mask
-        density = mask.density(self._params)  # type: ignore[union-attr]
-        total = self.num_kept / max(1, self.num_candidates)
-        metrics = {f"fish/density/{n}": d for n, d in density.items()}
-        metrics.update(
-            {"fish/density": total, "fish/kept": float(self.num_kept), "fish/candidates": float(self.num_candidates)}
-        )
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        rank_zero_info(
-            f"FISH: mask frozen at global step {trainer.global_step}: kept {self.num_kept:,} of "
-            f"{self.num_candidates:,} candidate entries (density {total:.4g})"
-        )
+        self.mask.log(trainer, self._params)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ verify and the end of fit
     def verify(self, pl_module: nn.Module | None = None) -> dict[str, Any]:
@@ -447,7 +405,7 @@ class FisherMaskCallback(Callback):
         """
         named = dict(pl_module.named_parameters()) if pl_module is not None else {}
         if self.mask is None and self._restored is not None and self._restored.get("candidates") and named:
-            self.mask = self._restored_mask({n: named[n].shape for n in self._restored["candidates"]})
+            self.mask = ckpt.preview_mask(self._restored, {n: named[n].shape for n in self._restored["candidates"]})
         if self.mask is None:
             raise RuntimeError("FISH verify: no mask has been frozen yet")
         params = self._params if pl_module is None else {n: named[n] for n in self.mask.masks}
@@ -466,19 +424,8 @@ class FisherMaskCallback(Callback):
                 raise RuntimeError(msg)
             rank_zero_warn(msg)
             return
-        if self.mask.digests is None:
-            return
-        report = self.verify(pl_module)
-        for logger in trainer.loggers:
-            logger.log_metrics({"fish/frozen_unchanged": float(report["frozen_unchanged"])}, step=trainer.global_step)
-        if report["frozen_unchanged"]:
-            rank_zero_info(f"FISH verify: all frozen entries unchanged; kept {report['kept']:,} of "
-                           f"{report['candidates']:,}")  # fmt: skip
-            return
-        msg = f"FISH verify: frozen entries moved in {len(report['moved'])} tensors: {report['moved'][:4]}"
-        if self.strict:
-            raise RuntimeError(msg)
-        rank_zero_warn(msg)
+        if self.mask.digests is not None:
+            report_verify(trainer, self.verify(pl_module), self.strict)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._fit_started = False
@@ -494,21 +441,15 @@ class FisherMaskCallback(Callback):
             **{k: getattr(self.settings, k) for k in ckpt.CHECKED_SETTINGS},
             "candidates": list(self.candidates) if self.candidates is not None else None,
             "shapes": {n: list(p.shape) for n, p in self._params.items()} or None,
-            "masks": ckpt.pack_masks(mask.masks, self._params, self._sharded) if mask is not None else None,
             "fisher": warmup.checkpoint_fisher(trainer) if warmup is not None and mask is None else None,
             "warmup_done": self.warmup_steps_done,
             "fisher_examples": self.calibration_examples,
             "skipped_nonfinite": self.skipped_nonfinite_steps,
             "frozen_at_step": self.freeze_step,
             "fisher_estimator": self.estimator_in_use,
-            "digests": ckpt.digests_for_checkpoint(trainer, mask.digests, self._sharded) if mask is not None else None,
-            "refisher": {n: f.detach().cpu() for n, f in mask.refisher.items()}
-            if mask is not None and mask.refisher is not None
-            else None,
-            "steps_since_select": mask.steps_since_select if mask is not None else 0,
             "reselections": self.reselections,
-            "init_state": {n: (distributed.gather_whole(t, self._params[n]) if n in self._sharded else t).detach().cpu()
-                           for n, t in self._init_state.items()} if self._init_state is not None else None,  # fmt: skip
+            **ckpt.mask_state(trainer, mask, self._params, self._sharded),
+            "init_state": ckpt.whole_copies(self._init_state, self._params, self._sharded),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -518,16 +459,7 @@ class FisherMaskCallback(Callback):
             return
         self._restored = state_dict  # applied to the candidates at fit start
         self.candidates = list(state_dict["candidates"]) if state_dict.get("candidates") is not None else None
-        self.mask = self._restored_mask(state_dict.get("shapes"))  # masks and verify(module) work outside fit
-
-    def _restored_mask(self, shapes: dict[str, Any] | None) -> FrozenMask | None:
-        """The checkpoint's mask as whole CPU tensors, given the candidates' shapes (not bound to a model)."""
-        state = self._restored
-        if state is None or state.get("masks") is None or shapes is None:
-            return None
-        masks = ckpt.unpack_masks(state["masks"], shapes)
-        return FrozenMask(masks, {n: int(m.sum()) for n, m in masks.items()}, ckpt.own_digests(state.get("digests")),
-                          state.get("frozen_at_step"))  # fmt: skip
+        self.mask = ckpt.preview_mask(state_dict, state_dict.get("shapes"))  # masks, verify(module) outside fit
 
 
 def _settings_property(name: str) -> property:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from fish_lightning.core.fisher import accumulate_squared_grads, nonfinite_grads, zeros_like_params
@@ -61,6 +63,34 @@ class FrozenMask:
     def density(self, params: Mapping[str, nn.Parameter]) -> dict[str, float]:
         """name -> kept fraction of the whole (unsharded) tensor."""
         return {n: c / max(1, params[n].numel()) for n, c in self.kept.items()}
+
+    def log(self, trainer: Any, params: Mapping[str, nn.Parameter]) -> None:
+        """Density per tensor and overall to the trainer's loggers, and one line to the console."""
+        candidates = sum(p.numel() for p in params.values())
+        total = self.num_kept / max(1, candidates)
+        metrics = {f"fish/density/{n}": d for n, d in self.density(params).items()}
+        metrics.update({"fish/density": total, "fish/kept": float(self.num_kept), "fish/candidates": float(candidates)})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info(
+            f"FISH: mask frozen at global step {trainer.global_step}: kept {self.num_kept:,} of "
+            f"{candidates:,} candidate entries (density {total:.4g})"
+        )
+
+
+def report_verify(trainer: Any, report: dict[str, Any], strict: bool) -> None:
+    """:meth:`FisherMaskCallback.verify`'s result at the end of fit: logged, and a warning (an error with
+    ``strict``) when a frozen entry moved."""
+    for logger in trainer.loggers:
+        logger.log_metrics({"fish/frozen_unchanged": float(report["frozen_unchanged"])}, step=trainer.global_step)
+    if report["frozen_unchanged"]:
+        rank_zero_info(f"FISH verify: all frozen entries unchanged; kept {report['kept']:,} of "
+                       f"{report['candidates']:,}")  # fmt: skip
+        return
+    msg = f"FISH verify: frozen entries moved in {len(report['moved'])} tensors: {report['moved'][:4]}"
+    if strict:
+        raise RuntimeError(msg)
+    rank_zero_warn(msg)
 
 
 def digests_of(params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> dict[str, str]:

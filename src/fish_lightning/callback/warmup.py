@@ -245,6 +245,14 @@ class WarmupFisher:
 
 
 @torch.no_grad()
+def rewind_frozen_(params: dict[str, nn.Parameter], masks: dict[str, Tensor], init: dict[str, Tensor]) -> None:
+    """Reset the frozen entries (``~mask``) to their fit-start values ``init``, in place."""
+    for n, m in masks.items():
+        p = local(params[n]).detach()
+        p.copy_(torch.where(m, p, init[n]))
+
+
+@torch.no_grad()
 def snapshot(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
     """A copy of the candidates' (local) values: the fit-start values ``rewind_frozen`` resets frozen entries to."""
     return {n: local(p).detach().to(p.device, copy=True) for n, p in params.items()}
