@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -79,6 +79,12 @@ class WarmupFisher:
             self.fall_back(f"no per-example rule for {hooks.uncovered[:3]}")
         else:  # squares straight into the Fisher (one fp32 buffer); sharded: whole-shaped step sums
             self.hooks = hooks.attach(into=None if self.sharded else self.fisher)
+            general = list(getattr(hooks, "fallback_modules", []))
+            if general:
+                rank_zero_info(
+                    f"FISH: exact per-example Fisher through the general torch.func rule (slower than a module "
+                    f"rule) for {len(general)} modules: {general[:4]}{' ...' if len(general) > 4 else ''}"
+                )
 
     def detach(self) -> None:
         if self.hooks is not None:
