@@ -154,41 +154,11 @@ def select_masks_sharded(
     if int(all_reduce_sum(nan)[0]):
         raise ValueError("scores contain NaN; cannot rank entries (check for NaN gradients)")
 
-    def counts(thresholds: list[float], strict: bool) -> Tensor:
-        c = torch.zeros(n_groups, dtype=torch.int64, device=device)
-        for n in names:
-            g = group_of[n]
-            t = torch.tensor(thresholds[g], dtype=torch.float32, device=device)
-            c[g] += torch.count_nonzero(flat[n] > t if strict else flat[n] >= t)  # (.sum() would copy to int64)
-        return all_reduce_sum(c).cpu()
-
-    # per group, the largest key t with count(score >= value(t)) >= k, within [-inf, +inf]
-    lo = [_NEG_INF_KEY] * n_groups
-    hi = [0x7F800000] * n_groups
-    for _ in range(34):  # the key range holds < 2**33 values
-        mid = [(a + b + 1) // 2 for a, b in zip(lo, hi)]
-        enough = counts([_threshold(m) for m in mid], strict=False) >= ks
-        lo = [m if e else a for m, a, e in zip(mid, lo, enough.tolist())]
-        hi = [b if e else m - 1 for m, b, e in zip(mid, hi, enough.tolist())]
-    kth = [_threshold(t) for t in lo]
+    counts = _ShardCounts(flat, group_of, n_groups, all_reduce_sum, device)
+    kth = counts.kth_values(ks)
     need = (ks - counts(kth, strict=True)).tolist()  # slots left for entries equal to the k-th value
-    # ties in global flat order: (group order, tensor order, rank's offset) -> this rank's quota
-    table = torch.zeros(2, world_size, len(names), dtype=torch.int64, device=device)
-    for j, n in enumerate(names):
-        table[0, rank, j] = torch.count_nonzero(flat[n] == kth[group_of[n]])
-        table[1, rank, j] = offsets[n]
-    table = all_reduce_sum(table).cpu()
-    quota: dict[str, int] = {}
-    for g, members in enumerate(groups):
-        left, total_tied = need[g], 0
-        for n in members:
-            j = names.index(n)
-            total_tied += int(table[0, :, j].sum())
-            for r in sorted(range(world_size), key=lambda r: (int(table[1, r, j]), r)):
-                take = min(left, int(table[0, r, j]))
-                if r == rank:
-                    quota[n] = take
-                left -= take
+    quota, tied = _tie_quotas(flat, offsets, groups, kth, need, all_reduce_sum, rank, world_size, device)
+    for g, (members, total_tied) in enumerate(zip(groups, tied)):
         if warn_ties and 0 < int(ks[g]) < sizes[g] and total_tied > need[g]:
             _warn_ties(total_tied, sizes[g], int(ks[g]), "all candidates" if scope == "global" else members[0])
     masks = {}
@@ -249,3 +219,62 @@ def density_report(masks: Mapping[str, Tensor]) -> dict[str, float]:
     kept = sum(int(m.sum()) for m in masks.values())
     out["__total__"] = kept / total if total else math.nan
     return out
+
+
+class _ShardCounts:
+    """``score > t`` / ``score >= t`` counts per group over every rank's shards (one all-reduce per call)."""
+
+    def __init__(self, flat: dict[str, Tensor], group_of: dict[str, int], n_groups: int,
+                 all_reduce_sum: Callable[[Tensor], Tensor], device: torch.device) -> None:  # fmt: skip
+        self.flat, self.group_of, self.n_groups, self.all_reduce_sum, self.device = (
+            flat, group_of, n_groups, all_reduce_sum, device)  # fmt: skip
+
+    def __call__(self, thresholds: list[float], strict: bool) -> Tensor:
+        c = torch.zeros(self.n_groups, dtype=torch.int64, device=self.device)
+        for n, f in self.flat.items():
+            g = self.group_of[n]
+            t = torch.tensor(thresholds[g], dtype=torch.float32, device=self.device)
+            c[g] += torch.count_nonzero(f > t if strict else f >= t)  # (.sum() would copy to int64)
+        return self.all_reduce_sum(c).cpu()
+
+    def kth_values(self, ks: Tensor) -> list[float]:
+        """Per group, the k-th largest score: the largest key t with count(score >= value(t)) >= k, by
+        bisection over the ordered float32 keys within [-inf, +inf] (34 rounds)."""
+        lo = [_NEG_INF_KEY] * self.n_groups
+        hi = [0x7F800000] * self.n_groups
+        for _ in range(34):  # the key range holds < 2**33 values
+            mid = [(a + b + 1) // 2 for a, b in zip(lo, hi)]
+            enough = self([_threshold(m) for m in mid], strict=False) >= ks
+            lo = [m if e else a for m, a, e in zip(mid, lo, enough.tolist())]
+            hi = [b if e else m - 1 for m, b, e in zip(mid, hi, enough.tolist())]
+        return [_threshold(t) for t in lo]
+
+
+def _tie_quotas(
+    flat: dict[str, Tensor], offsets: Mapping[str, int], groups: list[list[str]], kth: list[float], need: list[int],
+    all_reduce_sum: Callable[[Tensor], Tensor], rank: int, world_size: int, device: torch.device,
+) -> tuple[dict[str, int], list[int]]:  # fmt: skip
+    """(name -> how many of this rank's entries equal to its group's k-th value are kept, tied entries per group
+    over all ranks): ties in global flat order (group order, tensor order, rank's offset), from one all-reduce
+    of a ``[2, world, tensors]`` table."""
+    names = list(flat)
+    group_of = {n: g for g, members in enumerate(groups) for n in members}
+    table = torch.zeros(2, world_size, len(names), dtype=torch.int64, device=device)
+    for j, n in enumerate(names):
+        table[0, rank, j] = torch.count_nonzero(flat[n] == kth[group_of[n]])
+        table[1, rank, j] = offsets[n]
+    table = all_reduce_sum(table).cpu()
+    quota: dict[str, int] = {}
+    tied: list[int] = []
+    for g, members in enumerate(groups):
+        left, total_tied = need[g], 0
+        for n in members:
+            j = names.index(n)
+            total_tied += int(table[0, :, j].sum())
+            for r in sorted(range(world_size), key=lambda r: (int(table[1, r, j]), r)):
+                take = min(left, int(table[0, r, j]))
+                if r == rank:
+                    quota[n] = take
+                left -= take
+        tied.append(total_tied)
+    return quota, tied
