@@ -78,7 +78,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def common_overrides(args: argparse.Namespace) -> list[str]:
     """The overrides every run of the study shares."""
     common = [f"model={args.model}", "logger=none", "trainer.enable_progress_bar=false",
-              f"trainer.max_epochs={args.epochs}", f"optim.lr={args.lr}", f"data.path={args.data_dir}",
+              "checkpoint.every_n_train_steps=null", f"trainer.max_epochs={args.epochs}", f"optim.lr={args.lr}",
+              f"data.path={args.data_dir}",
               f"data.train_samples={args.train_samples}", "data.subsample_seed=0", *args.extra]  # fmt: skip
     common.append("data.val_samples=null" if args.val_samples <= 0 else f"data.val_samples={args.val_samples}")
     return common
