@@ -152,3 +152,30 @@ def test_select_masks_matches_topk_on_wide_ranges_infinities_and_half_precision(
             expected = reference(scores, sparsity, scope)
             for n in scores:
                 assert torch.equal(got[n], expected[n]), (seed, sparsity, scope, n)
+
+
+def normalized_reference(full, sparsity):
+    """topk_mask over each tensor's scores divided by its mean |score| (the definition of scope='normalized')."""
+    norm = {n: t.float() / t.float().abs().mean() if bool(t.abs().sum()) else t.float() for n, t in full.items()}
+    flat = torch.cat([t.reshape(-1) for t in norm.values()])
+    mask, _ = topk_mask(flat, num_kept(flat.numel(), sparsity))
+    out, i = {}, 0
+    for n, t in full.items():
+        out[n] = mask[i : i + t.numel()].view(t.shape)
+        i += t.numel()
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_normalized_scope_is_scale_aware_and_exact(world):
+    g = torch.Generator().manual_seed(3)
+    full = {"A": torch.rand(7, 5, generator=g) * 1e-4, "B": torch.rand(9, 4, generator=g), "zero": torch.zeros(4, 2)}
+    glob = select_masks(full, 0.8, "global", warn_ties=False)
+    assert int(glob["A"].sum()) == 0  # raw global top-k starves the small-gradient tensor
+    ref = normalized_reference(full, 0.8)
+    single = select_masks(full, 0.8, "normalized", warn_ties=False)
+    for masks in (single, run_sharded(full, world, 0.8, "normalized")[0]):
+        assert sum(int(m.sum()) for m in masks.values()) == num_kept(sum(t.numel() for t in full.values()), 0.8)
+        assert int(masks["A"].sum()) > 0
+        for n in full:
+            assert torch.equal(masks[n], ref[n]), n

@@ -62,7 +62,10 @@ class FisherMaskCallback(Callback):
             parameters except peft's ``modules_to_save`` copies (e.g. the classifier head) and
             modules marked ``fish_always_trained = True`` (our bottleneck adapters' head), which
             stay fully trainable. AdaLoRA is refused at fit start (its rank allocator edits entries).
-        scope: ``"global"`` top-k over all candidates, or ``"per_tensor"``.
+        scope: ``"global"`` top-k over all candidates (the paper), ``"per_tensor"`` (every tensor keeps the same
+            density), or ``"normalized"``: a global top-k over each tensor's Fisher divided by its mean, so
+            tensors whose gradients are orders of magnitude smaller (LoRA A vs B, query vs value) are not
+            starved while densities still follow the Fisher (beyond the paper).
         selection: ``"fisher"``; baselines ``"random"`` (seeded), ``"reverse"`` (lowest Fisher),
             ``"magnitude"`` (largest ``|w|`` at the freeze).
         seed: seed of the ``"random"`` selection (identical on every rank).

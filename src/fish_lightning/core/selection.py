@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 SELECTIONS = ("fisher", "random", "reverse", "magnitude")
-SCOPES = ("global", "per_tensor")
+SCOPES = ("global", "per_tensor", "normalized")
 
 
 class TieWarning(UserWarning):
@@ -81,8 +81,11 @@ def select_masks(
     Args:
         scores: name -> score tensor (any shape); higher is kept first.
         sparsity: fraction of entries frozen, in [0, 1).
-        scope: ``"global"`` (one top-k over all tensors, in the mapping's order) or
-            ``"per_tensor"`` (each tensor keeps ``num_kept(numel, sparsity)``).
+        scope: ``"global"`` (one top-k over all tensors, in the mapping's order), ``"per_tensor"`` (each
+            tensor keeps ``num_kept(numel, sparsity)``) or ``"normalized"`` (one global top-k over scores
+            divided by their tensor's mean ``|score|``: scale-aware, so a tensor whose gradients are orders
+            of magnitude smaller, LoRA A against B, is not starved, yet densities still differ by tensor;
+            costs one copy of the scores).
         warn_ties: emit a :class:`TieWarning` when the cut falls inside a run of equal scores.
 
     Returns:
@@ -145,7 +148,9 @@ def select_masks_sharded(
     device = next(iter(scores.values())).device
     flat = {n: scores[n].detach().reshape(-1) for n in names}
     flat = {n: f if f.dtype == torch.float32 else f.float() for n, f in flat.items()}
-    groups = [names] if scope == "global" else [[n] for n in names]
+    if scope == "normalized":
+        flat = _normalized(flat, numels, all_reduce_sum, device)
+    groups = [[n] for n in names] if scope == "per_tensor" else [names]
     group_of = {n: g for g, members in enumerate(groups) for n in members}
     n_groups = len(groups)
     sizes = [sum(numels[n] for n in members) for members in groups]
@@ -160,7 +165,7 @@ def select_masks_sharded(
     quota, tied = _tie_quotas(flat, offsets, groups, kth, need, all_reduce_sum, rank, world_size, device)
     for g, (members, total_tied) in enumerate(zip(groups, tied)):
         if warn_ties and 0 < int(ks[g]) < sizes[g] and total_tied > need[g]:
-            _warn_ties(total_tied, sizes[g], int(ks[g]), "all candidates" if scope == "global" else members[0])
+            _warn_ties(total_tied, sizes[g], int(ks[g]), members[0] if scope == "per_tensor" else "all candidates")
     masks = {}
     for n in names:
         g = group_of[n]
@@ -218,6 +223,18 @@ def density_report(masks: Mapping[str, Tensor]) -> dict[str, float]:
     total = sum(m.numel() for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())
     out["__total__"] = kept / total if total else math.nan
+    return out
+
+
+def _normalized(flat: dict[str, Tensor], numels: Mapping[str, int], all_reduce_sum: Callable[[Tensor], Tensor],
+                device: torch.device) -> dict[str, Tensor]:  # fmt: skip
+    """Each tensor's scores divided by its mean ``|score|`` over all ranks (one all-reduce; 1 where it is 0)."""
+    sums = torch.stack([f.double().abs().sum() for f in flat.values()]) if flat else torch.zeros(0)
+    sums = all_reduce_sum(sums.to(device)).cpu()
+    out = {}
+    for (n, f), total in zip(flat.items(), sums.tolist()):
+        mean = total / max(1, numels[n])
+        out[n] = f / mean if mean > 0 and math.isfinite(mean) else f.clone()
     return out
 
 
