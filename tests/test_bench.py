@@ -18,6 +18,11 @@ def test_bench_tiny_runs_and_writes_json(tmp_path):
     assert res["hooks_vs_loop_max_rel_err"] < 1e-5  # exactness is a property, not a timing
     assert res["resident_bytes_per_candidate_after_freeze"] <= 1.0
     assert "fisher_hooks / plain_fwd_bwd" in proc.stdout
+    ops = res["callback_ops_per_masked_step"]
+    for state in ("dense", "sparse_state"):  # the callback's ops per masked step do not grow with the layers
+        two, eight = ops[f"tiny_bert_2_layers {state}"], ops[f"tiny_bert_8_layers {state}"]
+        assert eight["tensors"] == 4 * two["tensors"]
+        assert eight["aten_ops_top_level"] == two["aten_ops_top_level"] <= 20
 
 
 def test_bench_sparse_state_tiny_runs(tmp_path):
