@@ -13,8 +13,10 @@ candidate entry, what :class:`~fish_lightning.FisherMaskCallback` allocates (see
 * after the freeze: ``cb.masks``, one bool (1 byte) per candidate; checkpoints bit-pack them
   (``pack_mask``: ``ceil(numel / 8)`` bytes per tensor);
 * AdamW: ``exp_avg`` + ``exp_avg_sq`` in fp32 per trained entry (plus a 4-byte ``step`` per tensor);
-  with ``sparse_optimizer_state=True`` only kept entries have state, plus their int64 indices and
-  the compact fp32 copy of their values.
+  with ``sparse_optimizer_state=True`` only kept entries have state, plus their int32 indices
+  (``CompactOptimizer``: no bool mask of its own) and the compact fp32 copy of their values;
+* the dense masked step's indices: ``mask_gradients`` and ``FrozenEntryGuard`` each keep an int32
+  index of the kept or the frozen entries, whichever are fewer (``core/flat.py``), not a bool mask.
 
 ``--measure-freeze`` also measures, on CPU, the peak of the bytes torch allocates during the
 selection the callback runs at the freeze (``selection_scores`` + global ``select_masks``) on a random
@@ -38,6 +40,7 @@ from torch import nn
 
 from fish_lightning.callback.distributed import REDUCE_BUCKET_ENTRIES
 from fish_lightning.core.candidates import find_candidates
+from fish_lightning.core.flat import GROUP_ENTRIES
 from fish_lightning.core.selection import num_kept
 
 #: LLaMA-2-7B (meta-llama/Llama-2-7b-hf config.json values).
@@ -50,7 +53,7 @@ LLAMA2_7B = dict(
     vocab_size=32000,
 )
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FP32, BOOL, INT64 = 4, 1, 8
+FP32, BOOL, INT32, INT64 = 4, 1, 4, 8
 ADAM_STEP = 4  # AdamW's per-tensor ``step`` (a 0-dim fp32 tensor)
 REDUCE_BUCKET = REDUCE_BUCKET_ENTRIES  # entries per all-reduce of the Fisher at the freeze
 MiB = 2**20
@@ -96,7 +99,8 @@ class FishMemory:
     lora_fp32: int  # the LoRA weights themselves (for scale)
     adamw_dense: int  # exp_avg + exp_avg_sq over all candidates (no step counters)
     adamw_steps: int  # AdamW's step counters, one per tensor
-    sparse: dict[float, dict[str, int]]  # sparsity -> kept, state, indices, values (sparse_optimizer_state)
+    sparse: dict[float, dict[str, int]]  # sparsity -> kept, state, indices, values (sparse_optimizer_state),
+    #   dense_indices (mask_gradients' + FrozenEntryGuard's int32 indices of the smaller side, dense masked step)
     fsdp2: dict[int, dict[str, int]]  # world size -> per-rank (largest shards) fisher, sums, warmup, adamw
 
     @property
@@ -118,7 +122,8 @@ def fish_memory(
     sparse = {}
     for s in sparsities:
         k = num_kept(n, s)
-        sparse[s] = {"kept": k, "state": 2 * FP32 * k, "indices": INT64 * k, "values": FP32 * k}
+        sparse[s] = {"kept": k, "state": 2 * FP32 * k, "indices": INT32 * k, "values": FP32 * k,
+                     "dense_indices": 2 * INT32 * min(k, n - k)}  # fmt: skip
     fsdp2 = {}
     for w in world_sizes:
         local = sum(shard_entries(s, w) for s in shapes.values())
@@ -218,52 +223,74 @@ def _ratio(fish: int, other: int) -> str:
     return f"{fish / other:.3g}x" if other else "more than"
 
 
+def _against(b: int, adam: int) -> str:
+    """A table cell: ``b`` against AdamW's state ``adam``, with the verdict."""
+    return f"{_ratio(b, adam)} AdamW's: **{_yes_no(b, adam)}**" if b else "none: **yes**"
+
+
 def render(mem: FishMemory, title: str, command: str, base_params: int | None, freeze_peak: FreezePeak | None) -> str:
     """The Markdown page."""
-    n = mem.candidates
+    n, adam = mem.candidates, mem.adamw_dense
     rows = [
-        ("LoRA weights (fp32), for scale", mem.lora_fp32),
-        ("**Warmup**: `cb.fisher` (fp32 accumulator; the per-example hooks add into it)", mem.fisher_fp32),
-        ('**Warmup total**, `fisher_estimator="per_example"` (default; one process, or per rank under DDP)',
-         mem.warmup_per_example),
-        ("**Warmup total**, `batch_grad`", mem.warmup_batch_grad),
-        ("Warmup under FSDP2 sharding only: hooks' whole-shaped per-step sums (fp32, on every rank; "
-         "`cb.fisher` is then per shard, see below)", mem.hook_sums_fp32),
-        ("**After the freeze**: `cb.masks` (bool)", mem.mask_bool),
+        ('**Warmup**: `cb.fisher` (fp32 accumulator; the per-example hooks add into it): the warmup total with '
+         '`fisher_estimator="per_example"` (default; one process, or per rank under DDP) and with `batch_grad`',
+         mem.fisher_fp32),
+        ("**After the freeze**, dense masked step: `cb.masks` (bool, as the callback keeps them)", mem.mask_bool),
         ("masks bit-packed (checkpoints)", mem.mask_packed),
-        ("AdamW state, dense (`exp_avg` + `exp_avg_sq`, fp32)", mem.adamw_dense),
     ]  # fmt: skip
     out = [
         f"# {title}",
         "",
         f"Made by `{command}`: counted from the parameter shapes of the model built on the `meta` device "
-        "(no weights, no download); `--measure-freeze` also runs the freeze's selection on CPU.",
+        "(no weights, no download); `--measure-freeze` also runs the freeze's selection on CPU. Every row "
+        "says whether FISH's bytes are below AdamW's optimizer state for the same entries (**yes**/**no**).",
         "",
         f"Candidates: **{n:,} entries** in {mem.tensors} LoRA tensors (FISH's default: every LoRA A/B matrix; "
         f"the largest has {mem.largest:,} entries)."
         + (f" Base model: {base_params:,} parameters ({_mib(2 * base_params)} MiB in bf16)." if base_params else ""),
         "",
-        "| what | bytes | MiB | bytes / candidate |",
-        "|---|---:|---:|---:|",
+        f"For scale: the LoRA weights (fp32) are {_mib(mem.lora_fp32)} MiB ({_per(mem.lora_fp32, n)} B/candidate); "
+        f"AdamW's dense state (`exp_avg` + `exp_avg_sq`, fp32) is **{_mib(adam)} MiB** ({_per(adam, n)} B/candidate; "
+        f"plus {mem.adamw_steps:,} B of `step` counters, 4 B per tensor, in no row below).",
+        "",
+        "| what | bytes | MiB | bytes / candidate | against AdamW's dense state |",
+        "|---|---:|---:|---:|---|",
     ]
-    out += [f"| {what} | {b:,} | {_mib(b)} | {_per(b, n)} |" for what, b in rows]
+    out += [f"| {what} | {b:,} | {_mib(b)} | {_per(b, n)} | {_against(b, adam)} |" for what, b in rows]
     out += [
-        f"| AdamW `step` counters (4 B per tensor, not in the other AdamW rows) | {mem.adamw_steps:,} | "
-        f"{_mib(mem.adamw_steps)} | {_per(mem.adamw_steps, n)} |",
         "",
-        "With `sparse_optimizer_state=True` (after the freeze; `cb.masks` stays resident as well; a tensor kept "
-        "whole stays dense in the optimizer and needs no indices or compact copy, so those two columns are upper "
-        "bounds):",
+        "After the freeze, per sparsity. Dense masked step (`sparse_optimizer_state=False`): `mask_gradients` and "
+        "`FrozenEntryGuard` each keep an int32 index of the kept or the frozen entries, whichever are fewer, next "
+        "to `cb.masks`; against AdamW's dense state:",
         "",
-        "| sparsity | kept k | AdamW state (8 B × k) | int64 indices (8 B × k) | compact values (4 B × k) "
-        "| state + indices | `cb.masks` (bool) | masks bit-packed |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| sparsity | kept k | int32 indices (2 × 4 B × min(k, n − k)) | + `cb.masks` (bool) | against AdamW's dense "
+        "state |",
+        "|---:|---:|---:|---:|---|",
     ]
     for s, d in mem.sparse.items():
-        out.append(
-            f"| {s:g} | {d['kept']:,} | {_mib(d['state'])} MiB | {_mib(d['indices'])} MiB | {_mib(d['values'])} MiB "
-            f"| {_mib(d['state'] + d['indices'])} MiB | {_mib(mem.mask_bool)} MiB | {_mib(mem.mask_packed)} MiB |"
-        )
+        tot = d["dense_indices"] + mem.mask_bool
+        out.append(f"| {s:g} | {d['kept']:,} | {_mib(d['dense_indices'])} MiB | {_mib(tot)} MiB | "
+                   f"{_against(tot, adam)} |")  # fmt: skip
+    out += [
+        "",
+        "With `sparse_optimizer_state=True`: `CompactOptimizer` keeps int32 indices of the kept entries (4 B × k) and "
+        "no mask; a tensor kept whole stays dense in the optimizer and needs no indices or compact copy, so those "
+        "columns are upper bounds. Against the compact AdamW state (8 B × k), FISH's mask and index overhead: as "
+        "the callback keeps `cb.masks` today (bool), bit-packed, and derived from the indices "
+        "(`CompactOptimizer.masks()`, nothing resident beyond the indices):",
+        "",
+        "| sparsity | kept k | AdamW state (8 B × k) | int32 indices (4 B × k) | compact values (4 B × k) "
+        "| indices + bool `cb.masks` | indices + bit-packed masks | indices only (masks derived) |",
+        "|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for s, d in mem.sparse.items():
+        state, idx = d["state"], d["indices"]
+        cells = []
+        for extra in (mem.mask_bool, mem.mask_packed, 0):
+            b = idx + extra
+            cells.append(f"{_mib(b)} MiB ({_per(b, n)} B/cand.), {_ratio(b, state)} the state: **{_yes_no(b, state)}**")
+        out.append(f"| {s:g} | {d['kept']:,} | {_mib(state)} MiB | {_mib(idx)} MiB | {_mib(d['values'])} MiB | "
+                   + " | ".join(cells) + " |")  # fmt: skip
     if mem.fsdp2:
         out += [
             "",
@@ -272,13 +299,14 @@ def render(mem: FishMemory, title: str, command: str, base_params: int | None, f
             "candidate (made for all candidates as soon as one is sharded), against the rank's AdamW shard:",
             "",
             "| ranks | `cb.fisher` shard | per-step sums (whole) | warmup total | AdamW state shard "
-            "| per rank, bytes / candidate of the model (warmup vs AdamW) |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| per rank, bytes / candidate of the model (warmup vs AdamW) | against the rank's AdamW shard |",
+            "|---:|---:|---:|---:|---:|---:|---|",
         ]
         for w, d in mem.fsdp2.items():
             out.append(
                 f"| {w} | {_mib(d['fisher'])} MiB | {_mib(d['sums'])} MiB | {_mib(d['warmup'])} MiB | "
-                f"{_mib(d['adamw'])} MiB | {_per(d['warmup'], n)} vs {_per(d['adamw'], n)} |"
+                f"{_mib(d['adamw'])} MiB | {_per(d['warmup'], n)} vs {_per(d['adamw'], n)} | "
+                f"{_against(d['warmup'], d['adamw'])} |"
             )
     out += ["", "## Is FISH's memory below the optimizer state's?", ""]
     out += verdict(mem, freeze_peak)
@@ -311,13 +339,23 @@ def verdict(mem: FishMemory, freeze_peak: FreezePeak | None = None) -> list[str]
         f"AdamW's {_mib(adam)} MiB (bit-packed: {_ratio(mem.mask_packed, adam)} it)."
     )
     for s, d in mem.sparse.items():
-        state, with_idx = d["state"], d["state"] + d["indices"]
+        dense = d["dense_indices"] + mem.mask_bool
         lines.append(
-            f"- **After the freeze, `sparse_optimizer_state=True`, sparsity {s:g}: {_yes_no(mem.mask_bool, state)}.** "
-            f"The bool masks ({_mib(mem.mask_bool)} MiB) are {_ratio(mem.mask_bool, state)} the compact AdamW state "
-            f"({_mib(state)} MiB), so FISH's memory is {_relation(mem.mask_bool, state)} the optimizer state's; "
-            f"{_relation(mem.mask_bool, with_idx)} the state with its int64 indices ({_mib(with_idx)} MiB). "
-            f"Bit-packed masks ({_mib(mem.mask_packed)} MiB) would be {_relation(mem.mask_packed, state)} the state."
+            f"- **After the freeze, dense masked step, sparsity {s:g}: {_yes_no(dense, adam)}.** The bool masks plus "
+            f"the two int32 indices ({_mib(d['dense_indices'])} MiB) are {_mib(dense)} MiB, {_ratio(dense, adam)} "
+            f"AdamW's dense state."
+        )
+    for s, d in mem.sparse.items():
+        state, idx = d["state"], d["indices"]
+        today, packed = idx + mem.mask_bool, idx + mem.mask_packed
+        lines.append(
+            f"- **After the freeze, `sparse_optimizer_state=True`, sparsity {s:g}, as the callback keeps `cb.masks` "
+            f"(bool): {_yes_no(today, state)}.** The bool masks ({_mib(mem.mask_bool)} MiB) plus the int32 indices "
+            f"({_mib(idx)} MiB) are {_ratio(today, state)} the compact AdamW state ({_mib(state)} MiB). Bit-packed "
+            f"masks plus the indices ({_mib(packed)} MiB, {_per(packed, n)} B/candidate) would be "
+            f"{_relation(packed, state)} it ({_yes_no(packed, state)}); masks derived from the indices on demand "
+            f"(`CompactOptimizer.masks()`), the indices alone ({_mib(idx)} MiB, {_per(idx, n)} B/candidate), "
+            f"{_relation(idx, state)} it ({_yes_no(idx, state)})."
         )
     if freeze_peak is not None:
         total = mem.fisher_fp32 + freeze_peak.peak
@@ -373,7 +411,10 @@ def notes(mem: FishMemory, freeze_peak: FreezePeak | None = None) -> list[str]:
         "that step out instead.",
         "- Per masked step (dense state): `FrozenEntryGuard` copies the partly frozen tensors from "
         f"`on_before_optimizer_step` to the end of `optimizer.step()` (4 B/candidate in fp32: {_mib(FP32 * n)} MiB, "
-        "freed after the step).",
+        "freed after the step). The batched ops (`core/flat.py`) work on groups of tensors of at most "
+        f"{GROUP_ENTRIES:,} entries: `mask_gradients`, the guard's restore and the compact gather/scatter each hold "
+        f"one group's flat fp32 copy at a time ({_mib(FP32 * GROUP_ENTRIES)} MiB at most), and CUDA's `index_put_` "
+        "widens an int32 index to int64 for the call (8 B per indexed entry of one group, transient).",
         "- Optional: `rewind_frozen=True` keeps the fit-start values until the freeze (4 B/candidate in fp32); "
         "`keep_fisher=True` keeps `cb.fisher` on CPU after it (4 B/candidate); a checkpoint written during warmup "
         "carries the Fisher (4 B/candidate).",

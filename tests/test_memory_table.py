@@ -49,8 +49,9 @@ def test_counts_on_a_tiny_llama_match_hand_computed_numbers():
     assert mem.adamw_steps == 4 * TENSORS
     assert mem.mask_bool == N and mem.mask_packed == PACKED
     # k = round(0.1 * 496) = round(49.6) = 50; round(0.01 * 496) = round(4.96) = 5
-    assert mem.sparse[0.9] == {"kept": 50, "state": 400, "indices": 400, "values": 200}
-    assert mem.sparse[0.99] == {"kept": 5, "state": 40, "indices": 40, "values": 20}
+    # int32 indices (4 B x k); the dense masked step's two indices of the smaller side: 2 x 4 B x min(k, n - k)
+    assert mem.sparse[0.9] == {"kept": 50, "state": 400, "indices": 200, "values": 200, "dense_indices": 400}
+    assert mem.sparse[0.99] == {"kept": 5, "state": 40, "indices": 20, "values": 20, "dense_indices": 40}
     # FSDP2 on 2 ranks: every dim 0 (2, 8 or 12) halves -> 248 local entries; whole-shaped sums of all 496
     assert mem.fsdp2[2] == {"fisher": 992, "sums": 1984, "warmup": 2976, "adamw": 1984}
     peak = memory_table.FreezePeak(peak=N + 100, after=N, events=1)
@@ -60,8 +61,17 @@ def test_counts_on_a_tiny_llama_match_hand_computed_numbers():
     assert "**Warmup, `per_example`, FSDP2 on 2 ranks (per rank): no.**" in page  # 2976 B vs 1984 B
     assert "= 0.0 MiB, 1.5x the rank's AdamW shard" in page
     assert "**After the freeze, dense optimizer state: yes**" in page and "are 1/8 of AdamW's" in page
-    assert "sparsity 0.9: no.** The bool masks (0.0 MiB) are 1.24x" in page  # 496 B vs 400 B
-    assert "sparsity 0.99: no.** The bool masks (0.0 MiB) are 12.4x" in page  # 496 B vs 40 B
+    # sparse state: bool masks + int32 indices vs the compact AdamW state: 696 B vs 400 B, 516 B vs 40 B
+    assert "sparsity 0.9, as the callback keeps `cb.masks` (bool): no.**" in page and "are 1.74x the compact" in page
+    assert "sparsity 0.99, as the callback keeps `cb.masks` (bool): no.**" in page and "are 12.9x the compact" in page
+    # masks derived from the indices: the indices alone, half the compact state
+    assert "the indices alone (0.0 MiB, 0.0403 B/candidate), below it (yes)" in page  # 20 B / 496
+    assert "**After the freeze, dense masked step, sparsity 0.99: yes.**" in page  # 496 + 40 B vs 3968 B
+    # every table row states its verdict against AdamW's state
+    rows = [ln for ln in page.splitlines() if ln.startswith("| ") and not ln.startswith("| what")
+            and not ln.startswith("| sparsity") and not ln.startswith("| ranks")]  # fmt: skip
+    assert len(rows) == 3 + 2 + 2 + 1
+    assert all("**yes**" in ln or "**no**" in ln for ln in rows), rows
     assert "**At the freeze (transient, measured on CPU): yes.**" in page  # 1984 + 596 B vs 3968 B
     assert "**At the freeze under DDP (per rank, counted from the code path): no.**" in page  # 2 x 1984 B
     assert "(8 B/candidate), equal to AdamW's dense state" in page
@@ -119,6 +129,8 @@ class _Probe(pl.Callback):
         self.steps = 4 * len(opt.state)
         pairs = [pair for c in self.fish.enforcer.compact for pair in c.pairs]  # sparse_state.CompactOptimizer
         self.index_bytes, self.value_bytes = _nbytes(i for _, i, _ in pairs), _nbytes(c for _, _, c in pairs)
+        self.resident_index_bytes = sum(c.index_bytes for c in self.fish.enforcer.compact)
+        self.guard_index_bytes = sum(g.index_bytes for g in self.fish.enforcer.guards)
 
 
 def _nbytes(tensors) -> int:
@@ -159,6 +171,8 @@ def test_counts_are_what_the_callback_allocates(sparse_state):
     if not sparse_state:
         assert (probe.state_bytes - probe.steps, probe.steps) == (mem.adamw_dense, mem.adamw_steps)
         assert probe.index_bytes == probe.value_bytes == 0
+        assert probe.guard_index_bytes == mem.sparse[0.9]["dense_indices"] // 2  # the guard's index; mask_gradients'
         return
     assert probe.state_bytes - probe.steps == mem.sparse[0.9]["state"]
     assert (probe.index_bytes, probe.value_bytes) == (mem.sparse[0.9]["indices"], mem.sparse[0.9]["values"])
+    assert probe.resident_index_bytes == mem.sparse[0.9]["indices"]  # int32, no mask in CompactOptimizer
