@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from fish_lightning.callback.settings import FishSettings
 from fish_lightning.core.candidates import check_supported
+from fish_lightning.core.mask_file import load_mask
 from fish_lightning.core.sharding import check_placements, is_sharded
 from fish_lightning.core.sparse_state import refuse_compact
 
@@ -63,6 +65,25 @@ def warn_short_warmup(settings: FishSettings, trainer: Any) -> None:
             f"warmup_steps={s.warmup_steps} but only {per_epoch * s.mask_epoch} optimizer "
             f"steps run before mask_epoch={s.mask_epoch}: the Fisher will use those steps only"
         )
+
+
+def load_given_masks(path: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """``mask_path``'s masks (whole, CPU), refused unless they are exactly the candidates with their shapes."""
+    masks = load_mask(path)
+    missing = [n for n in params if n not in masks]
+    extra = [n for n in masks if n not in params]
+    if missing or extra:
+        first = f"no mask for candidate {missing[0]!r}" if missing else f"mask {extra[0]!r} is not a candidate"
+        raise ValueError(
+            f"mask_path={path!r} does not fit this model: {first} ({len(missing)} candidates without a mask, "
+            f"{len(extra)} masks without a candidate; candidates look like {list(params)[:2]}): same model, peft "
+            "config and include/exclude as the run that saved it?"
+        )
+    for n, p in params.items():
+        if tuple(masks[n].shape) != tuple(p.shape):
+            raise ValueError(f"mask_path={path!r}: mask {n!r} has shape {list(masks[n].shape)} but the candidate "
+                             f"has shape {list(p.shape)}: same model and peft config (e.g. rank r)?")  # fmt: skip
+    return masks
 
 
 def check_strategy(settings: FishSettings, trainer: Any, params: dict[str, nn.Parameter]) -> set[str]:

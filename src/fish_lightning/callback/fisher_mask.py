@@ -35,9 +35,9 @@ from torch.optim import Optimizer
 from fish_lightning.callback import checkpoint as ckpt
 from fish_lightning.callback import distributed
 from fish_lightning.callback.calibration import calibrate_fisher
-from fish_lightning.callback.checks import check_fit, check_strategy, warn_short_warmup
+from fish_lightning.callback.checks import check_fit, check_strategy, load_given_masks, warn_short_warmup
 from fish_lightning.callback.enforcer import MaskEnforcer
-from fish_lightning.callback.frozen import FrozenMask, report_verify
+from fish_lightning.callback.frozen import FrozenMask, log_anatomy, report_verify
 from fish_lightning.callback.settings import FishSettings
 from fish_lightning.callback.step_gate import StepGate
 from fish_lightning.callback.warmup import WarmupFisher, inverse_loss_scale, rewind_frozen_, snapshot
@@ -91,7 +91,12 @@ class FisherMaskCallback(Callback):
             ``None`` (default): the paper's fixed mask.
         loss_reduction: how the training loss reduces the per-example losses of a batch, ``"mean"`` (default) or
             ``"sum"``; the per-example warmup Fisher and calibration undo it. When the module defines
-            ``fisher_loss`` the first warmup batch is checked against it and a mismatch is warned about.
+            ``fisher_loss`` the first warmup batch is checked against it and a mask mismatch is warned about.
+        mask_path: a mask saved with :func:`~fish_lightning.core.mask_file.save_mask` (e.g. a ``fish-train``
+            run's ``fish_mask.safetensors``): applied at the configured freeze point instead of a selection (no
+            Fisher is accumulated; the dense warmup steps still run, so the run reproduces the one that made
+            the mask; ``warmup_steps=0, mask_epoch=None`` applies it at fit start). Its names and shapes must be
+            exactly this fit's candidates (checked at fit start); ``sparsity``/``selection`` are then unused.
 
     After the freeze, ``cb.masks`` maps parameter names to bool masks (True = trained).
     """
@@ -114,6 +119,7 @@ class FisherMaskCallback(Callback):
         strict: bool = False,
         reselect_every_n_steps: int | None = None,
         loss_reduction: str = "mean",
+        mask_path: str | None = None,
     ) -> None:
         super().__init__()
         self.settings = FishSettings(
@@ -121,7 +127,7 @@ class FisherMaskCallback(Callback):
             scope=scope, selection=selection, seed=seed, calibration_samples=calibration_samples,
             keep_fisher=keep_fisher, fisher_estimator=fisher_estimator, rewind_frozen=rewind_frozen,
             sparse_optimizer_state=sparse_optimizer_state, strict=strict,
-            reselect_every_n_steps=reselect_every_n_steps, loss_reduction=loss_reduction,
+            reselect_every_n_steps=reselect_every_n_steps, loss_reduction=loss_reduction, mask_path=mask_path,
         )  # fmt: skip
         if self.settings.unused_warmup:
             rank_zero_warn(
@@ -143,6 +149,7 @@ class FisherMaskCallback(Callback):
         self._init_state: dict[str, Tensor] | None = None  # fit-start values, for rewind_frozen
         self._kept_fisher: dict[str, Tensor] | None = None  # keep_fisher: the Fisher of the last selection (CPU)
         self._calibration_examples = 0
+        self._given_masks: dict[str, Tensor] | None = None  # mask_path, loaded and checked at fit start
 
     # ``state_key`` stays Lightning's default (the class name): a key built from the settings would make a
     # resumed run with a changed setting silently skip load_state_dict; load_state_dict checks them instead.
@@ -177,6 +184,8 @@ class FisherMaskCallback(Callback):
         """Kept candidate entries: exact after the freeze, the target ``k`` before it."""
         if self.mask is not None:
             return self.mask.num_kept
+        if self._given_masks is not None:
+            return sum(int(m.sum()) for m in self._given_masks.values())
         return num_kept(self.num_candidates, self.sparsity)
 
     @property
@@ -235,6 +244,8 @@ class FisherMaskCallback(Callback):
             self._start_over(params)
         self._params, self._bound = params, [weakref.ref(p) for p in params.values()]
         self._sharded = check_strategy(self.settings, trainer, self._params)
+        if self.mask_path is not None and self.mask is None:
+            self._given_masks = load_given_masks(self.mask_path, self._params)
         if self.warmup is None or restored is not None:
             self.warmup = WarmupFisher(self.settings, self._params, self._sharded, allocate=self.mask is None)
         if self.rewind_frozen and self.mask is None and self._init_state is None:
@@ -246,8 +257,8 @@ class FisherMaskCallback(Callback):
             self.enforcer.install(trainer.optimizers, self._params, self.mask.masks)
         rank_zero_info(
             f"FISH: {len(self.candidates)} candidate tensors, {self.num_candidates:,} entries; "
-            f"keeping {num_kept(self.num_candidates, self.sparsity):,} (sparsity {self.sparsity:g}, "
-            f"{self.selection}, {self.scope})"
+            + (f"keeping {self.num_kept:,} from mask_path={self.mask_path}" if self._given_masks is not None else
+               f"keeping {self.num_kept:,} (sparsity {self.sparsity:g}, {self.selection}, {self.scope})")  # fmt: skip
         )
 
     def _bound_to(self, params: dict[str, nn.Parameter]) -> bool:
@@ -295,7 +306,7 @@ class FisherMaskCallback(Callback):
                 self.enforcer.install(trainer.optimizers, self._params, self.mask.masks)
             return
         s = self.settings
-        if s.mask_epoch is None and s.calibration_samples is not None and s.warmup_steps == 0:
+        if s.mask_epoch is None and s.warmup_steps == 0:  # calibration or mask_path: the mask before any step
             self._freeze(trainer, pl_module)
             return
         self.warmup.attach(pl_module)  # type: ignore[union-attr]
@@ -359,14 +370,15 @@ class FisherMaskCallback(Callback):
                 fisher = distributed.reduce_mean_(trainer, self._calibrate(trainer, pl_module), skip=self._sharded)
             else:
                 fisher = warmup.reduced_fisher(trainer)  # type: ignore[union-attr]
-        masks, kept = self._select(trainer, fisher)
+        masks, kept = self._select(trainer, fisher) if self._given_masks is None else self._given(trainer)
         if self._init_state is not None:  # rewind_frozen
             rewind_frozen_(self._params, masks, self._init_state)
             self._init_state = None
         self.mask = FrozenMask.select(masks, kept, self._params, trainer.global_step)
         self._kept_fisher = {n: f.detach().cpu() for n, f in fisher.items()} if self.keep_fisher and fisher else None
-        warmup.fisher = None  # type: ignore[union-attr]
         self._log_masks(trainer)
+        log_anatomy(trainer, self.mask, self._params, fisher)
+        warmup.fisher = None  # type: ignore[union-attr]
         self.enforcer.install(trainer.optimizers, self._params, masks)
 
     def _select(self, trainer: pl.Trainer, fisher: dict[str, Tensor] | None) -> tuple[dict, dict[str, int]]:
@@ -381,6 +393,12 @@ class FisherMaskCallback(Callback):
         masks = distributed.broadcast_masks(trainer, masks, [n for n in masks if n not in self._sharded])
         masks = {n: m.to(self._params[n].device) for n, m in masks.items()}
         return masks, distributed.kept_counts(trainer, masks, self._sharded)
+
+    def _given(self, trainer: pl.Trainer) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """``mask_path``'s masks on this rank's rows and devices, with their kept counts."""
+        whole, self._given_masks = self._given_masks, None
+        masks = ckpt.local_copies(whole, self._params, self._sharded)  # type: ignore[arg-type]
+        return {n: m.bool() for n, m in masks.items()}, {n: int(m.sum()) for n, m in whole.items()}  # type: ignore[union-attr]
 
     def _reselect(self, trainer: pl.Trainer) -> None:
         """Re-select k entries from the Fisher accumulated since the last selection."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from fish_lightning.core.anatomy import mask_anatomy
 from fish_lightning.core.fisher import accumulate_squared_grads, nonfinite_grads, zeros_like_params
 from fish_lightning.core.sparse_state import frozen_digest
 
@@ -76,6 +78,25 @@ class FrozenMask:
             f"FISH: mask frozen at global step {trainer.global_step}: kept {self.num_kept:,} of "
             f"{candidates:,} candidate entries (density {total:.4g})"
         )
+
+
+def log_anatomy(trainer: Any, mask: FrozenMask, params: Mapping[str, nn.Parameter],
+                fisher: Mapping[str, Tensor] | None) -> None:  # fmt: skip
+    """To every TensorBoard logger: the density per layer × module kind as an image (rows = layers, columns =
+    kinds, white = dense; 8 px per cell) and a histogram of log10 of the Fisher scores."""
+    writers = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
+    if not writers or trainer.global_rank != 0:
+        return
+    anatomy = mask_anatomy(mask.kept, {n: p.numel() for n, p in params.items()})
+    grid = torch.tensor([[d if d is not None else 0.0 for d in row] for row in anatomy["density"]])
+    image = grid.repeat_interleave(8, 0).repeat_interleave(8, 1).unsqueeze(0)
+    scores = torch.cat([f.detach().reshape(-1).float().cpu() for f in fisher.values()]) if fisher else None
+    for w in writers:
+        w.add_image("fish/mask_anatomy", image, global_step=trainer.global_step)
+        w.add_text("fish/mask_anatomy_axes", f"rows: layers {anatomy['layers']}; columns: {anatomy['kinds']}",
+                   global_step=trainer.global_step)  # fmt: skip
+        if scores is not None and scores.numel():
+            w.add_histogram("fish/log10_fisher", scores.clamp_min(1e-30).log10(), global_step=trainer.global_step)
 
 
 def report_verify(trainer: Any, report: dict[str, Any], strict: bool) -> None:

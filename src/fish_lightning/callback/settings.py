@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -51,6 +52,7 @@ class FishSettings:
     strict: bool = False
     reselect_every_n_steps: int | None = None
     loss_reduction: str = "mean"
+    mask_path: str | None = None
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -58,9 +60,10 @@ class FishSettings:
             raise ValueError(f"sparsity={s!r} is out of range: expected a number with 0 <= sparsity < 1")
         object.__setattr__(self, "sparsity", float(s))
         check_int("calibration_samples", self.calibration_samples, 1, none_ok=True)
-        calibrated = self.calibration_samples is not None
+        self._check_mask_path()
+        calibrated = self.calibration_samples is not None or self.mask_path is not None  # no warmup Fisher needed
         check_int("warmup_steps", self.warmup_steps, 0 if calibrated else 1,
-                  hint="" if calibrated else " (0 is allowed only with calibration_samples)")  # fmt: skip
+                  hint="" if calibrated else " (0 is allowed only with calibration_samples or mask_path)")  # fmt: skip
         check_int("mask_epoch", self.mask_epoch, 0, none_ok=True)
         if self.mask_epoch == 0 and not calibrated:
             raise ValueError(
@@ -78,10 +81,22 @@ class FishSettings:
         check_int("seed", self.seed)
         validate_patterns(self.include, self.exclude)
 
+    def _check_mask_path(self) -> None:
+        if self.mask_path is None:
+            return
+        if not isinstance(self.mask_path, (str, os.PathLike)) or not os.path.isfile(self.mask_path):
+            raise ValueError(f"mask_path={self.mask_path!r} is not a file: give a fish_mask.safetensors (save_mask)")
+        object.__setattr__(self, "mask_path", os.fspath(self.mask_path))
+        clash = {"calibration_samples": self.calibration_samples is not None,
+                 "reselect_every_n_steps": self.reselect_every_n_steps is not None}  # fmt: skip
+        bad = [k for k, on in clash.items() if on]
+        if bad:
+            raise ValueError(f"mask_path fixes the mask: it cannot be combined with {', '.join(bad)}")
+
     @property
     def needs_fisher(self) -> bool:
-        """The selection ranks entries by a Fisher (``"fisher"`` or ``"reverse"``)."""
-        return self.selection in NEEDS_FISHER
+        """The selection ranks entries by a Fisher (``"fisher"`` or ``"reverse"``; not with ``mask_path``)."""
+        return self.selection in NEEDS_FISHER and self.mask_path is None
 
     @property
     def accumulates_warmup(self) -> bool:
