@@ -32,21 +32,35 @@ PROJECTIONS = "projections"
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+#: :func:`build_causal_lm`'s ``quantization`` values besides ``None``: a ``bitsandbytes`` base (QLoRA).
+QUANTIZATIONS = ("4bit", "8bit")
+
 
 def build_causal_lm(
     name_or_path: str | None = None,
     tiny_config: dict[str, Any] | None = None,
     seed: int = 0,
     dtype: str | None = None,
+    quantization: str | None = None,
 ) -> nn.Module:
     """An ``AutoModelForCausalLM``: pretrained from ``name_or_path`` (hub id or local directory), or
     randomly initialised (seeded) from ``tiny_config`` = ``{"model_type": "gpt2" | "llama" | ...,
-    **config fields}`` when given. ``dtype``: ``None`` (the checkpoint's/fp32) or one of :data:`DTYPES`."""
+    **config fields}`` when given. ``dtype``: ``None`` (the checkpoint's/fp32) or one of :data:`DTYPES`.
+
+    ``quantization``: ``None``, ``"4bit"`` (NF4, compute in ``dtype``, fp32 by default) or ``"8bit"``
+    (LLM.int8): the linear layers of the blocks become frozen ``bitsandbytes`` layers (transformers'
+    ``BitsAndBytesConfig``; the LM head and embeddings stay as they are), for LoRA on top (QLoRA).
+    Needs ``pip install "fish-lightning[quant]"``. A ``tiny_config`` model is built, saved to a
+    temporary directory and loaded back quantized, the same path as a pretrained one."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not valid: expected null or one of {DTYPES}")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not valid: expected null or one of {QUANTIZATIONS}")
     torch_dtype = getattr(torch, dtype) if dtype is not None else None
+    if quantization is not None:
+        return _build_quantized(name_or_path, tiny_config, seed, torch_dtype, quantization)
     if tiny_config is not None:
         fields = dict(tiny_config)
         model_type = fields.pop("model_type", None)
@@ -60,6 +74,63 @@ def build_causal_lm(
         raise ValueError("build_causal_lm needs name_or_path (hub id or directory) or tiny_config")
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def _bnb_config(quantization: str, compute_dtype: torch.dtype | None) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"quantization={quantization!r} needs bitsandbytes: pip install 'fish-lightning[quant]'"
+        ) from e
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype or torch.float32
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _build_quantized(
+    name_or_path: str | None,
+    tiny_config: dict[str, Any] | None,
+    seed: int,
+    torch_dtype: torch.dtype | None,
+    quantization: str,
+) -> nn.Module:
+    """:func:`build_causal_lm` with a ``bitsandbytes`` base (``quantization`` already checked)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"quantization_config": _bnb_config(quantization, torch_dtype)}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if tiny_config is None:
+        if not name_or_path:
+            raise ValueError("build_causal_lm needs name_or_path (hub id or directory) or tiny_config")
+        return _no_cpu_repacking(AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs))
+    model = build_causal_lm(tiny_config=tiny_config, seed=seed)  # fp32 random weights, then quantized on load
+    with tempfile.TemporaryDirectory(prefix="fish-quant-") as tmp:
+        model.save_pretrained(tmp)
+        del model
+        model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+    model.name_or_path = model.config._name_or_path = ""  # as from a config, not the removed temporary directory
+    return _no_cpu_repacking(model)
+
+
+def _no_cpu_repacking(model: nn.Module) -> nn.Module:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights. On a CPU with AVX512-BF16, a
+    ``Linear4bit`` forward in eval mode without input gradients rewrites its weight in place into a
+    packed layout (bf16 absmax); a later training backward through it runs an op with no autograd
+    kernel and returns wrong input gradients (measured with bitsandbytes 0.50.2: LoRA gradients off by
+    ~100% after one validation pass), and layers narrower than the 64-wide block fail. Training and
+    Fisher estimation need the unpacked layout, so the flag is cleared on every layer that has it."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def decoder_projections(model: nn.Module) -> list[str]:
