@@ -15,6 +15,7 @@ from conftest import SnapshotAtFreeze, make_trainer, params_of
 from fish_lightning import FisherMaskCallback
 from fish_lightning.adapters.decoders import DECODER_PROJECTIONS, apply_decoder_peft, build_causal_lm
 from fish_lightning.adapters.models import build_sequence_classifier
+from fish_lightning.adapters.tiny import tiny_config
 from fish_lightning.app.causal_lm import IGNORE_INDEX, CausalLM, response_nll
 from fish_lightning.app.classification_data import DataError
 from fish_lightning.app.instruction_data import Example, InstructionData, encode_example, instruction_collate
@@ -24,13 +25,7 @@ from test_peft_e2e import TINY
 
 VOCAB = 97
 WRAPPED = {"gpt2": 4, "llama": 7}  # LoRA-wrapped layers per block: GPT-2's c_proj is in attn and mlp
-CONFIGS = {
-    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2),
-    "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
-                  eos_token_id=2),
-}  # fmt: skip
+CONFIGS = {arch: tiny_config(arch, vocab_size=VOCAB) for arch in ("gpt2", "llama")}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)

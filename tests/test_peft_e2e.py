@@ -7,19 +7,10 @@ from torch.utils.data import DataLoader
 from conftest import SnapshotAtFreeze, make_trainer, params_of
 from fish_lightning import FisherMaskCallback, TieWarning
 from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
+from fish_lightning.adapters.tiny import tiny_config
 from fish_lightning.app.classifier import SequenceClassifier
 
-TINY = dict(
-    vocab_size=100,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
-
+TINY = tiny_config("bert")
 
 def token_batches(n=48, batch=8, seq=12, seed=0):
     g = torch.Generator().manual_seed(seed)
