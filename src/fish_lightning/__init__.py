@@ -10,7 +10,7 @@ from typing import Any
 
 from fish_lightning import _compat
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 _EXPORTS = {
     "FisherMaskCallback": "fish_lightning.callback",
     "TieWarning": "fish_lightning.core.selection",
