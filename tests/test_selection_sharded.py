@@ -155,15 +155,9 @@ def test_select_masks_matches_topk_on_wide_ranges_infinities_and_half_precision(
 
 
 def normalized_reference(full, sparsity):
-    """topk_mask over each tensor's scores divided by its mean |score| (the definition of scope='normalized')."""
+    """The oracle over each tensor's scores divided by its mean |score| (the definition of scope='normalized')."""
     norm = {n: t.float() / t.float().abs().mean() if bool(t.abs().sum()) else t.float() for n, t in full.items()}
-    flat = torch.cat([t.reshape(-1) for t in norm.values()])
-    mask, _ = topk_mask(flat, num_kept(flat.numel(), sparsity))
-    out, i = {}, 0
-    for n, t in full.items():
-        out[n] = mask[i : i + t.numel()].view(t.shape)
-        i += t.numel()
-    return out
+    return reference(norm, sparsity, "global")
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
