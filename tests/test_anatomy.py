@@ -81,9 +81,10 @@ def test_grid_totals_equal_candidate_counts(build):
 
 
 def test_fit_with_tensorboard_logs_the_anatomy_image_and_fisher_histogram(tiny, tmp_path):
-    from conftest import make_loader, make_trainer
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import make_loader, make_trainer
 
     cb = FisherMaskCallback(sparsity=0.7, warmup_steps=2, mask_epoch=None)
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
