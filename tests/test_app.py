@@ -171,6 +171,13 @@ def test_two_by_two_multirun_then_report(tmp_path):
     assert len(rows) == 4, table
     png = (sweep / "metric_vs_params.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    from fish_lightning.app.report import anatomy_panels, collect_runs
+
+    panels = anatomy_panels(sweep, collect_runs(sweep))  # from the runs' mask_stats.json: method × sparsity
+    assert [[t.splitlines()[0].split(" · ", 1)[1] for t, _ in row] for row in panels] == [
+        [f"lora-r8+{m} · sparsity {s}" for s in (0.5, 0.9)] for m in ("fisher", "random")
+    ]
+    assert (sweep / "anatomy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _main(args, tmp_path, monkeypatch, capsys):
@@ -266,11 +273,56 @@ def test_run_keeps_adapter_mask_checkpoint_and_starts_quietly(kept_run):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run_dir / "adapter").iterdir()}
     assert (run_dir / "fish_mask.safetensors").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     res = json.loads((run_dir / "results.json").read_text())
-    assert res["artifacts"] == {"model": "adapter", "mask": "fish_mask.safetensors"} and res["resumed_from"] is None
+    assert res["artifacts"] == {"model": "adapter", "mask": "fish_mask.safetensors", "anatomy": "mask_anatomy.png"}
+    assert res["resumed_from"] is None
     out = proc.stdout + proc.stderr
     for noise in ("GPU available", "TPU available", "Tip:", "is deprecated", "estimate number of stepping batches"):
         assert noise not in out, out
     assert "FISH: mask frozen" in out and "val/accuracy" in out
+
+
+def test_run_writes_mask_anatomy_png_and_the_aggregation_in_mask_stats(kept_run):
+    run_dir, _ = kept_run
+    res = json.loads((run_dir / "results.json").read_text())
+    stats = json.loads((run_dir / "mask_stats.json").read_text())
+    anatomy, kinds = stats["anatomy"], stats["by_kind"]
+    want = [f"attention.{m}.lora_{ab}" for m in ("query", "value") for ab in "AB"]  # tiny BERT, LoRA on query/value
+    assert anatomy["layers"] == [0, 1] and anatomy["kinds"] == want and list(kinds) == want
+    assert sum(map(sum, anatomy["total"])) == res["candidates"] == stats["candidates"]
+    assert sum(map(sum, anatomy["kept"])) == res["kept"] == sum(v["kept"] for v in kinds.values())
+    for i, row in enumerate(anatomy["density"]):
+        assert row == [pytest.approx(k / t) for k, t in zip(anatomy["kept"][i], anatomy["total"][i])]
+    png = (run_dir / "mask_anatomy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_anatomy_figure_scales_with_the_grid():
+    """Readable for a 6-layer encoder and a 32-layer decoder: one labelled row per layer, rotated kind labels."""
+    from fish_lightning.app.anatomy_plot import anatomy_figure, title_of
+
+    def grid(n_layers, kinds):
+        total = [[64] * len(kinds) for _ in range(n_layers)]
+        kept = [[(i * 7 + j * 3) % 65 for j in range(len(kinds))] for i in range(n_layers)]
+        density = [[k / 64 for k in row] for row in kept]
+        return {"layers": list(range(n_layers)), "kinds": kinds, "kept": kept, "total": total, "density": density}
+
+    encoder = grid(6, [f"attention.{m}.lora_{ab}" for m in ("query", "value") for ab in "AB"])
+    decoder = grid(32, [f"self_attn.{p}_proj.lora_{ab}" for p in "qkvo" for ab in "AB"]
+                   + [f"mlp.{p}_proj.lora_{ab}" for p in ("gate", "up", "down") for ab in "AB"])  # fmt: skip
+    sizes = {}
+    for name, anatomy in (("encoder", encoder), ("decoder", decoder)):
+        fig = anatomy_figure(anatomy)
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_yticklabels()] == [str(x) for x in anatomy["layers"]]
+        assert [t.get_text() for t in ax.get_xticklabels()] == anatomy["kinds"]
+        assert all(t.get_rotation() == 60 for t in ax.get_xticklabels())
+        kept, total = sum(map(sum, anatomy["kept"])), sum(map(sum, anatomy["total"]))
+        assert ax.get_title() == title_of(anatomy) and f"kept {kept:,} of {total:,}" in ax.get_title()
+        sizes[name] = fig.get_size_inches()
+        fig.canvas.draw()
+        height_px = ax.get_window_extent().height / len(anatomy["layers"])
+        assert height_px >= 25, (name, height_px)  # a row per layer, tall enough for its 8 pt label
+    assert sizes["decoder"][1] > 2 * sizes["encoder"][1] and sizes["decoder"][0] > sizes["encoder"][0]
 
 
 def test_saved_adapter_reloads_with_peft_and_reproduces_the_metric(kept_run, tmp_path):

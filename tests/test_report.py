@@ -201,3 +201,49 @@ def test_script_wrapper(sweep: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "| lora+fisher |" in proc.stdout and f"wrote {out / 'summary.md'}" in proc.stdout
     assert (out / "metric_vs_params.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+# ------------------------------------------------------------------ mask anatomy panels (issue 17)
+def _anatomy(kept_per_cell: list[list[int]], total: int = 100) -> dict:
+    layers = [*range(len(kept_per_cell) - 1), None]
+    kinds = ["attention.query.lora_A", "attention.value.lora_B"]
+    totals = [[total] * len(kinds) for _ in layers]
+    density = [[k / total for k in row] for row in kept_per_cell]
+    return {"layers": layers, "kinds": kinds, "kept": kept_per_cell, "total": totals, "density": density}
+
+
+def test_anatomy_panel_per_method_and_sparsity_from_mask_stats(sweep: Path, tmp_path: Path) -> None:
+    from fish_lightning.app.report import ANATOMY, anatomy_panels
+
+    runs = collect_runs(sweep)
+    for run in runs:  # seed s keeps s more entries in the first cell: a panel sums its seeds
+        grid = [[10 + run["seed"], 50], [0, 90], [5, 5]]
+        (sweep / run["run_dir"] / "mask_stats.json").write_text(json.dumps({"kept": 0, "anatomy": _anatomy(grid)}))
+    (sweep / "0" / "mask_stats.json").unlink()  # a run without one (fish=off, an old run) is left out
+    panels = anatomy_panels(sweep, runs)
+    assert [[title.splitlines()[0] for title, _ in row] for row in panels] == [
+        [f"sst2 · {m} · sparsity {s}" for s in (0.5, 0.9)] for m in ("lora+fisher", "lora+random")
+    ]
+    (_, first), (_, second) = panels[0]
+    assert first["n"] == 1 and second["n"] == 2 and second["kept"][0] == [21, 100] and second["total"][0] == [200, 200]
+    assert second["density"][0][0] == pytest.approx(21 / 200) and "2 seed(s)" in panels[0][1][0]
+    paths = write_report(sweep, tmp_path / "out")
+    png = paths[ANATOMY].read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+def test_report_without_mask_stats_writes_no_anatomy(sweep: Path) -> None:
+    assert "anatomy.png" not in write_report(sweep) and not (sweep / "anatomy.png").exists()
+
+
+def test_anatomy_plot_needs_no_torch(sweep: Path, tmp_path: Path) -> None:
+    for run in collect_runs(sweep):
+        (sweep / run["run_dir"] / "mask_stats.json").write_text(json.dumps({"anatomy": _anatomy([[1, 2], [3, 4]])}))
+    code = (
+        "import sys; from fish_lightning.app.report import main; rc = main([sys.argv[1], '--out', sys.argv[2]]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(sweep), str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "o" / "anatomy.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -9,7 +9,10 @@
 - ``D/fish_mask.safetensors``: the FISH mask, bit-packed, names as in the LightningModule's
   ``named_parameters()`` (as ``FisherMaskCallback.masks``); :func:`fish_lightning.adapters.export.load_mask`
   reads it back, ``fish.mask_path=D/fish_mask.safetensors`` trains with it.
-- ``D/mask_stats.json``: kept/candidate counts, the freeze step, per-tensor density.
+- ``D/mask_stats.json``: kept/candidate counts, the freeze step, per-tensor density, and where the budget went:
+  ``anatomy`` (:func:`fish_lightning.core.anatomy.mask_anatomy`: kept/total/density per layer × module kind; layer
+  ``null`` = outside the numbered layers) and ``by_kind`` (summed over layers).
+- ``D/mask_anatomy.png``: that grid as a heatmap (:mod:`fish_lightning.app.anatomy_plot`).
 - ``D/adapter.fish.safetensors`` with ``export=true``: the sparse export
   (:func:`fish_lightning.adapters.export.save_sparse`, only the changed entries).
 """
@@ -24,7 +27,9 @@ import lightning.pytorch as pl
 from torch import nn
 
 from fish_lightning.adapters.export import save_mask, save_sparse
+from fish_lightning.app.anatomy_plot import ANATOMY_PNG, write_anatomy_png
 from fish_lightning.callback.fisher_mask import FisherMaskCallback
+from fish_lightning.core.anatomy import by_kind, mask_anatomy
 from fish_lightning.core.selection import density_report
 
 ADAPTER_DIR = "adapter"
@@ -64,7 +69,12 @@ def save_artifacts(
     out["mask"] = MASK_FILE
     stats = {"kept": fish.num_kept, "candidates": fish.num_candidates, "frozen_at_step": fish.freeze_step,
              "density": density_report(fish.masks)}  # fmt: skip
+    masks = fish.masks
+    anatomy = mask_anatomy({n: int(m.sum()) for n, m in masks.items()}, {n: m.numel() for n, m in masks.items()})
+    stats.update(anatomy=anatomy, by_kind=by_kind(anatomy))
     (run_dir / "mask_stats.json").write_text(json.dumps(stats, indent=1))
+    write_anatomy_png(anatomy, run_dir / ANATOMY_PNG)
+    out["anatomy"] = ANATOMY_PNG
     if export:
         exp = save_sparse(module, fish.masks, run_dir / SPARSE_FILE)
         out["sparse"] = SPARSE_FILE

@@ -1,8 +1,9 @@
 """Sweep report for a Hydra multirun: ``fish-report DIR``.
 
 Every training run writes ``results.json`` into its run directory. This module finds them (recursively), aggregates the
-seeds of one setting (same task, method and group) and writes ``runs.csv``, ``summary.md``, ``summary.csv`` and
-``metric_vs_params.png``. Runs that failed, crashed before writing results, or lack a finite value of the reported
+seeds of one setting (same task, method and group) and writes ``runs.csv``, ``summary.md``, ``summary.csv``,
+``metric_vs_params.png`` and ``anatomy.png`` (one mask-anatomy panel per method × sparsity, from the runs'
+``mask_stats.json``). Runs that failed, crashed before writing results, or lack a finite value of the reported
 metric are always listed, never dropped. No Hydra, pandas or torch needed.
 
 Layouts read: Hydra's basic and joblib launchers (``DIR/<job num>/``), submitit (the same, plus ``DIR/.submitit/<job
@@ -31,6 +32,8 @@ SUBMITIT = ".submitit"
 CRASHED = "no results.json: the run crashed before writing results"
 UNKNOWN = "(unknown)"
 PLOT = "metric_vs_params.png"
+ANATOMY = "anatomy.png"
+MASK_STATS = "mask_stats.json"
 RUN_COLUMNS = [
     "run_dir",
     "status",
@@ -487,6 +490,69 @@ def plot_metric_vs_params(rows: Sequence[dict[str, Any]], path: str | os.PathLik
     return True
 
 
+def _read_anatomy(run_dir: Path) -> dict[str, Any] | None:
+    """The ``anatomy`` grid of ``run_dir/mask_stats.json``, or ``None`` (no FISH mask, an older or unreadable file)."""
+    try:
+        anatomy = json.loads((run_dir / MASK_STATS).read_text(encoding="utf-8")).get("anatomy")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    keys = ("layers", "kinds", "kept", "total")
+    return anatomy if isinstance(anatomy, dict) and all(isinstance(anatomy.get(k), list) for k in keys) else None
+
+
+def _merge_anatomies(grids: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Kept and total summed over seeds (density = their ratio), when the grids agree on layers and kinds; else the
+    first grid."""
+    first = grids[0]
+    same = [g for g in grids if g["layers"] == first["layers"] and g["kinds"] == first["kinds"]]
+    shape = range(len(first["layers"])), range(len(first["kinds"]))
+    kept, total = ([[sum(g[key][i][j] for g in same) for j in shape[1]] for i in shape[0]] for key in ("kept", "total"))
+    density = [[k / t if t else None for k, t in zip(rk, rt)] for rk, rt in zip(kept, total)]
+    return {"layers": first["layers"], "kinds": first["kinds"], "kept": kept, "total": total, "density": density,
+            "n": len(same)}  # fmt: skip
+
+
+def anatomy_panels(root: Path, runs: Sequence[dict[str, Any]]) -> list[list[tuple[str, dict[str, Any]]]]:
+    """Mask-anatomy panels of the ok runs with a ``mask_stats.json`` anatomy: one row per task, method and setting
+    (the group without ``fish.sparsity``), one column per sparsity; the seeds of a panel are summed."""
+    cells: dict[tuple[str, str, str], dict[float | None, list[dict[str, Any]]]] = {}
+    for run in runs:
+        if run["status"] != "ok":
+            continue
+        anatomy = _read_anatomy(root / run["run_dir"])
+        if anatomy is None:
+            continue
+        rest = " ".join(t for t in (run["group"] or "").split() if not t.lstrip("+~").startswith("fish.sparsity="))
+        key = (run["task"] or UNKNOWN, run["method"] or UNKNOWN, rest)
+        cells.setdefault(key, {}).setdefault(run["sparsity"], []).append(anatomy)
+    rows = []
+    for task, method, rest in sorted(cells):
+        row = []
+        by_sparsity = cells[(task, method, rest)]
+        for sparsity in sorted(by_sparsity, key=lambda s: (s is None, s or 0.0)):
+            merged = _merge_anatomies(by_sparsity[sparsity])
+            kept = sum(map(sum, merged["kept"]))
+            total = sum(map(sum, merged["total"]))
+            head = f"{task} · {method} · sparsity {'n/a' if sparsity is None else f'{sparsity:g}'}"
+            setting = f"\n{rest}" if rest else ""
+            density = f"{kept / total:.3g}" if total else "n/a"
+            row.append((f"{head}{setting}\nkept {kept:,} of {total:,} (density {density}), {merged['n']} seed(s)",
+                        merged))  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def plot_anatomy(root: Path, runs: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> bool:
+    """Write :func:`anatomy_panels` side by side to ``path``; ``False`` (nothing written) when no run has one."""
+    panels = anatomy_panels(root, runs)
+    if not panels:
+        return False
+    from fish_lightning.app import anatomy_plot  # matplotlib only, no torch
+
+    anatomy_plot.write_anatomy_panels(panels, path)
+    return True
+
+
 def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
@@ -556,6 +622,8 @@ def build_report(
         report.paths[PLOT] = out_dir / PLOT
     else:
         report.plot_skipped = "no successful run reports trainable_params"
+    if plot_anatomy(root, runs, out_dir / ANATOMY):
+        report.paths[ANATOMY] = out_dir / ANATOMY
     return report
 
 
