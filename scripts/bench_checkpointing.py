@@ -104,7 +104,9 @@ def measure(args, mode: str) -> dict:
         step(model, loss_fn, data, params, fish)  # warm the allocator and any lazy init
         model.zero_grad(set_to_none=True)
         buffered = [0]
-        row[f"{key}_peak_bytes"] = peak_bytes(lambda: buffered.__setitem__(0, step(model, loss_fn, data, params, fish)))
+        row[f"{key}_peak_bytes"] = peak_bytes(
+            lambda out=buffered, fish=fish: out.__setitem__(0, step(model, loss_fn, data, params, fish))
+        )
         if fish:
             row["buffered_bytes"] = buffered[0]
     times: dict[str, list[float]] = {"plain": [], "fish": []}

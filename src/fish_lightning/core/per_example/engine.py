@@ -11,7 +11,10 @@ Gradient checkpointing recomputes forwards during the backward. Calls made while
 checkpointing the recomputation of a module already hooked in the forward is ignored (its first
 output carries the gradient); with reentrant checkpointing the forward ran under ``no_grad`` (counted,
 not hooked) and the recomputation is the call that gets hooked. Either way a checkpointed module
-is one call and squares in place.
+is one call and squares in place. With non-reentrant checkpointing the inputs a rule saves in the
+forward go through the checkpoint's own saved-tensor hooks (packed like any tensor autograd saves
+there: dropped after the forward, recomputed on unpack in the backward), so the hooks hold no
+activation through the forward that checkpointing would have freed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,33 @@ log = logging.getLogger("fish_lightning.per_example")
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+def _checkpoint_hooks() -> tuple[Any, Any] | None:
+    """The (pack, unpack) saved-tensor hooks of a non-reentrant ``torch.utils.checkpoint`` region being
+    run (its forward) or recomputed (in the backward); ``None`` elsewhere."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if not hooks:
+        return None
+    kind = getattr(hooks[0], "__qualname__", "")
+    return hooks if kind.startswith(("_checkpoint_hook.", "_recomputation_hook.")) else None
+
+
+class _Packed:
+    """A tensor of a rule's saved value, handed to a checkpoint's pack hook."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+
+def _pack(pack: Any, saved: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: _Packed(pack(t)) if isinstance(t, Tensor) else t, saved)
+
+
+def _unpack(unpack: Any, packed: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: unpack(t.handle) if isinstance(t, _Packed) else t, packed)
 
 
 class PerExampleSquaredGrads:
@@ -85,6 +115,7 @@ class PerExampleSquaredGrads:
         self._handles: list[Any] = []
         self._calls: dict[str, int] = {}  # per parameter name: module calls in this forward (tied weights)
         self._hooked: dict[int, int] = {}  # per module: calls hooked outside a backward, this batch
+        self._packed: dict[int, int] = {}  # per module: calls whose inputs went to a checkpoint's pack hook
         self._pending: dict[str, Tensor] = {}  # per-example grads of multi-call parameters, [B, numel]
         self._seen: set[str] = set()  # names that got a per-example contribution since reset()
         self._batch: int | None = None
@@ -118,6 +149,7 @@ class PerExampleSquaredGrads:
     def start_batch(self, batch_size: int, factor: float = 1.0) -> None:
         """Call before each forward: examples in the batch and a multiplier for its squared grads."""
         self._batch, self.factor, self._calls, self._pending, self._hooked = batch_size, factor, {}, {}, {}
+        self._packed = {}
 
     def finish_batch(self) -> None:
         """Call after the backward: squares the buffered gradients of multi-call modules."""
@@ -157,13 +189,25 @@ class PerExampleSquaredGrads:
             if batched and not in_backward and not torch.is_grad_enabled():
                 self._count(module)  # e.g. reentrant checkpointing's first pass: hooked when recomputed
             return expanded
+        ckpt = _checkpoint_hooks()
         if in_backward:
             if self._hooked.get(key):  # non-reentrant checkpointing: this call was hooked in the forward
+                if ckpt is not None and self._packed.get(key):  # recomputation: pack as the forward did
+                    self._packed[key] -= 1
+                    _pack(ckpt[0], rule.save(module, args, kwargs, output, batch))
                 return expanded
         else:
             self._hooked[key] = self._hooked.get(key, 0) + 1
         saved = rule.save(module, args, kwargs, output, batch) if batched else None
         if saved is SKIP:
+            return expanded
+        if saved is not None and ckpt is not None and not in_backward:  # non-reentrant checkpoint region
+            pack, unpack = ckpt
+            self._packed[key] = self._packed.get(key, 0) + 1
+            packed = _pack(pack, saved)
+            del saved
+            self._count(module)
+            output.register_hook(lambda g, m=module, s=packed, u=unpack: self._on_grad(m, _unpack(u, s), g))
             return expanded
         if saved is None:  # not per-example: if a gradient arrives, per-example values are lost
             output.register_hook(lambda g, m=module: self._missed_call(m))
