@@ -47,7 +47,8 @@ def mask_gradients(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) ->
     int32 index of the frozen (or kept) entries is made once per set of masks and cached by their identity.
     Frozen entries become +0.0 whatever they held (inf and NaN included, as with ``masked_fill_``).
     Gradients masked by the previous call and not modified since (the same tensors, at the same version
-    counter) are left alone: the callback masks after the backward and again right before the step.
+    counter) are left alone: the callback masks after the backward and again right before the step
+    (a write through ``.data``, which has its own version counter, is not seen as a change).
     """
     global _last_masked
     grads, ms = [], []
