@@ -91,7 +91,7 @@ class FisherMaskCallback(Callback):
             ``None`` (default): the paper's fixed mask.
         loss_reduction: how the training loss reduces the per-example losses of a batch, ``"mean"`` (default) or
             ``"sum"``; the per-example warmup Fisher and calibration undo it. When the module defines
-            ``fisher_loss`` the first warmup batch is checked against it and a mask mismatch is warned about.
+            ``fisher_loss`` the first warmup batch is checked against it and a mismatch is warned about.
         mask_path: a mask saved with :func:`~fish_lightning.core.mask_file.save_mask` (e.g. a ``fish-train``
             run's ``fish_mask.safetensors``): applied at the configured freeze point instead of a selection (no
             Fisher is accumulated; the dense warmup steps still run, so the run reproduces the one that made
