@@ -23,9 +23,11 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
 #: messages Lightning logs at INFO on every start.
 KNOWN_LOG_LINES = re.compile(
     r"^(GPU available: |TPU available: |HPU available: |💡 Tip: |Loading `train_dataloader` to estimate|"
-    r"You are using a CUDA device .* that has Tensor Cores|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES)"
+    r"You are using a CUDA device .* that has Tensor Cores|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES|"
+    r"Failed to load CPU gemm_4bit_forward from kernels-community)"  # bitsandbytes (imported by peft) on CPU
 )
-_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.pytorch")
+_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.pytorch",
+            "bitsandbytes.backends.cpu.ops")  # fmt: skip
 
 
 class _DropKnown(logging.Filter):
