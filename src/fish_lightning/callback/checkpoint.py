@@ -39,6 +39,11 @@ def unpack_masks(packed: dict[str, Tensor], shapes: dict[str, Any]) -> dict[str,
     return {n: unpack_mask(p, tuple(shapes[n])) for n, p in packed.items()}
 
 
+def counts(masks: dict[str, Tensor]) -> dict[str, int]:
+    """name -> kept entries of whole masks."""
+    return {n: int(m.sum()) for n, m in masks.items()}
+
+
 def restore_mask(state: dict[str, Any], params: dict[str, Any], sharded: set[str]) -> FrozenMask | None:
     """The checkpoint's mask on this fit's candidates (this rank's rows, on the parameters' devices), with its
     counters and re-selection Fisher; ``None`` when the checkpoint was written before the freeze."""
@@ -46,7 +51,7 @@ def restore_mask(state: dict[str, Any], params: dict[str, Any], sharded: set[str
         return None
     whole = unpack_masks(state["masks"], {n: p.shape for n, p in params.items()})
     masks = {n: (local_rows(m, params[n]) if n in sharded else m).to(params[n].device) for n, m in whole.items()}
-    mask = FrozenMask(masks, {n: int(m.sum()) for n, m in whole.items()}, own_digests(state.get("digests")),
+    mask = FrozenMask(masks, counts(whole), own_digests(state.get("digests")),
                       state.get("frozen_at_step"))  # fmt: skip
     mask.steps_since_select = int(state.get("steps_since_select", 0))
     mask.reselections = int(state.get("reselections", 0))
@@ -61,7 +66,7 @@ def preview_mask(state: dict[str, Any] | None, shapes: dict[str, Any] | None) ->
     if state is None or state.get("masks") is None or shapes is None:
         return None
     masks = unpack_masks(state["masks"], shapes)
-    return FrozenMask(masks, {n: int(m.sum()) for n, m in masks.items()}, own_digests(state.get("digests")),
+    return FrozenMask(masks, counts(masks), own_digests(state.get("digests")),
                       state.get("frozen_at_step"))  # fmt: skip
 
 

@@ -67,6 +67,14 @@ def warn_short_warmup(settings: FishSettings, trainer: Any) -> None:
         )
 
 
+def warn_new_model() -> None:
+    rank_zero_warn(
+        "FISH: this fit's model is not the one the callback's state belongs to (a new model, or other "
+        "candidate tensors): its mask/Fisher are discarded and a new warmup starts. Use one callback per "
+        "model, or a checkpoint (ckpt_path=...) to continue a run"
+    )
+
+
 def load_given_masks(path: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """``mask_path``'s masks (whole, CPU), refused unless they are exactly the candidates with their shapes."""
     masks = load_mask(path)

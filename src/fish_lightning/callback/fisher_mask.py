@@ -35,7 +35,13 @@ from torch.optim import Optimizer
 from fish_lightning.callback import checkpoint as ckpt
 from fish_lightning.callback import distributed
 from fish_lightning.callback.calibration import calibrate_fisher
-from fish_lightning.callback.checks import check_fit, check_strategy, load_given_masks, warn_short_warmup
+from fish_lightning.callback.checks import (
+    check_fit,
+    check_strategy,
+    load_given_masks,
+    warn_new_model,
+    warn_short_warmup,
+)
 from fish_lightning.callback.enforcer import MaskEnforcer
 from fish_lightning.callback.frozen import FrozenMask, log_anatomy, report_verify
 from fish_lightning.callback.settings import FishSettings
@@ -51,9 +57,8 @@ class FisherMaskCallback(Callback):
 
     Args:
         sparsity: fraction of candidate entries frozen, in ``[0, 1)``; density is ``1 - sparsity``.
-        warmup_steps: dense optimizer steps before the freeze whose gradients feed the Fisher
-            (``>= 1``; ``0`` is allowed only with ``calibration_samples``: mask chosen before
-            training).
+        warmup_steps: dense optimizer steps before the freeze whose gradients feed the Fisher (``>= 1``; ``0``
+            only with ``calibration_samples`` or ``mask_path``: the mask before any training step).
         mask_epoch: the mask is frozen at the start of this epoch; ``None`` freezes right after
             ``warmup_steps`` steps.
         include: regexes (``re.search``) over ``named_parameters()`` names; when given, the
@@ -74,10 +79,9 @@ class FisherMaskCallback(Callback):
             anything (model in eval mode). The module's ``fisher_loss(batch) -> Tensor[b]`` is used
             if it defines one, else ``training_step`` on one example at a time.
         keep_fisher: keep ``cb.fisher`` (on CPU) after the freeze instead of freeing it.
-        fisher_estimator: warmup estimate: ``"per_example"`` (exact sum of squared per-example
-            gradients from the training backward; assumes the loss is a mean over the batch, and
-            falls back to ``"batch_grad"`` with a warning for tensors no hook rule covers) or
-            ``"batch_grad"`` (squared mini-batch gradient per step).
+        fisher_estimator: warmup estimate: ``"per_example"`` (exact sum of squared per-example gradients from the
+            training backward, one rule per module type; ``"batch_grad"`` with a warning for what none covers)
+            or ``"batch_grad"`` (squared mini-batch gradient per step).
         rewind_frozen: at the freeze, reset frozen entries to their values at fit start (keeps one
             copy of the candidates until the freeze).
         sparse_optimizer_state: from the freeze on, the optimizer trains compact tensors of the
@@ -121,14 +125,9 @@ class FisherMaskCallback(Callback):
         loss_reduction: str = "mean",
         mask_path: str | None = None,
     ) -> None:
+        arguments = {k: v for k, v in locals().items() if k in FishSettings.names()}  # exactly the parameters
         super().__init__()
-        self.settings = FishSettings(
-            sparsity=sparsity, warmup_steps=warmup_steps, mask_epoch=mask_epoch, include=include, exclude=exclude,
-            scope=scope, selection=selection, seed=seed, calibration_samples=calibration_samples,
-            keep_fisher=keep_fisher, fisher_estimator=fisher_estimator, rewind_frozen=rewind_frozen,
-            sparse_optimizer_state=sparse_optimizer_state, strict=strict,
-            reselect_every_n_steps=reselect_every_n_steps, loss_reduction=loss_reduction, mask_path=mask_path,
-        )  # fmt: skip
+        self.settings = FishSettings(**arguments)
         if self.settings.unused_warmup:
             rank_zero_warn(
                 f"warmup_steps={warmup_steps} is not used: with calibration_samples and mask_epoch={mask_epoch} "
@@ -267,11 +266,7 @@ class FisherMaskCallback(Callback):
     def _start_over(self, params: dict[str, nn.Parameter]) -> None:
         """A model other than the one this state belongs to: the previous Fisher/mask are not for it."""
         if self.mask is not None or (self.warmup is not None and self.warmup.steps_done):
-            rank_zero_warn(
-                "FISH: this fit's model is not the one the callback's state belongs to (a new model, or other "
-                "candidate tensors): its mask/Fisher are discarded and a new warmup starts. Use one callback per "
-                "model, or a checkpoint (ckpt_path=...) to continue a run"
-            )
+            warn_new_model()
         self.warmup, self.mask, self._init_state, self._kept_fisher = None, None, None, None
         self.enforcer.remove()
 
@@ -367,16 +362,23 @@ class FisherMaskCallback(Callback):
         fisher = None
         if self.settings.needs_fisher:
             if self.calibration_samples is not None:
-                fisher = distributed.reduce_mean_(trainer, self._calibrate(trainer, pl_module), skip=self._sharded)
+                fisher, self._calibration_examples = calibrate_fisher(
+                    trainer, pl_module, self._params, self.calibration_samples, self.loss_reduction
+                )
+                fisher = distributed.reduce_mean_(trainer, fisher, skip=self._sharded)
             else:
                 fisher = warmup.reduced_fisher(trainer)  # type: ignore[union-attr]
-        masks, kept = self._select(trainer, fisher) if self._given_masks is None else self._given(trainer)
+        if self._given_masks is None:
+            masks, kept = self._select(trainer, fisher)
+        else:  # mask_path: this rank's rows, on the parameters' devices
+            given, self._given_masks = self._given_masks, None
+            masks, kept = ckpt.local_copies(given, self._params, self._sharded), ckpt.counts(given)
         if self._init_state is not None:  # rewind_frozen
             rewind_frozen_(self._params, masks, self._init_state)
             self._init_state = None
         self.mask = FrozenMask.select(masks, kept, self._params, trainer.global_step)
         self._kept_fisher = {n: f.detach().cpu() for n, f in fisher.items()} if self.keep_fisher and fisher else None
-        self._log_masks(trainer)
+        self.mask.log(trainer, self._params)  # type: ignore[union-attr]
         log_anatomy(trainer, self.mask, self._params, fisher)
         warmup.fisher = None  # type: ignore[union-attr]
         self.enforcer.install(trainer.optimizers, self._params, masks)
@@ -394,12 +396,6 @@ class FisherMaskCallback(Callback):
         masks = {n: m.to(self._params[n].device) for n, m in masks.items()}
         return masks, distributed.kept_counts(trainer, masks, self._sharded)
 
-    def _given(self, trainer: pl.Trainer) -> tuple[dict[str, Tensor], dict[str, int]]:
-        """``mask_path``'s masks on this rank's rows and devices, with their kept counts."""
-        whole, self._given_masks = self._given_masks, None
-        masks = ckpt.local_copies(whole, self._params, self._sharded)  # type: ignore[arg-type]
-        return {n: m.bool() for n, m in masks.items()}, {n: int(m.sum()) for n, m in whole.items()}  # type: ignore[union-attr]
-
     def _reselect(self, trainer: pl.Trainer) -> None:
         """Re-select k entries from the Fisher accumulated since the last selection."""
         mask = self.mask
@@ -407,15 +403,6 @@ class FisherMaskCallback(Callback):
         new, kept = self._select(trainer, fisher)
         self.enforcer.reselect(trainer.optimizers, self._params, mask.masks, new)  # type: ignore[union-attr]
         mask.replace(new, kept, self._params)  # type: ignore[union-attr]
-        self._log_masks(trainer)
-
-    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        fisher, self._calibration_examples = calibrate_fisher(
-            trainer, pl_module, self._params, self.calibration_samples, self.loss_reduction  # type: ignore[arg-type]
-        )
-        return fisher
-
-    def _log_masks(self, trainer: pl.Trainer) -> None:
         self.mask.log(trainer, self._params)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ verify and the end of fit
