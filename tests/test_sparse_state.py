@@ -47,6 +47,11 @@ def test_full_finetuning_sparse_state_matches_dense_masked(optimizer, clip):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
         m = sparse_cb.masks[n]
         assert torch.equal(p[~m], snap.at_freeze[n][~m]), n  # frozen entries bit-identical
+    # cb.masks is rebuilt from the compact optimizer's int32 indices: no bool mask (1 B/candidate) is kept
+    assert type(sparse_cb.masks).__name__ == "CompactMasks" and not sparse_cb.masks._rest
+    assert list(sparse_cb.masks) == list(dense_cb.masks)
+    for n, m in dense_cb.masks.items():
+        assert sparse_cb.masks[n].dtype == torch.bool and torch.equal(sparse_cb.masks[n], m), n
 
 
 def test_lora_sparse_state_matches_dense_masked():

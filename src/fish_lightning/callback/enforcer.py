@@ -3,7 +3,7 @@ optimizers (``sparse_optimizer_state``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -11,6 +11,26 @@ from torch.optim import Optimizer
 
 from fish_lightning.core.masking import FrozenEntryGuard, mask_gradients
 from fish_lightning.core.sparse_state import CompactOptimizer, zero_state_entries
+
+
+class CompactMasks(Mapping[str, Tensor]):
+    """``cb.masks`` under ``sparse_optimizer_state``: name -> bool mask, rebuilt on each access from the compact
+    optimizers' int32 indices (see :meth:`MaskEnforcer.mask_view`); holds no optimizer and no byte per candidate.
+    """
+
+    def __init__(self, builders: dict[str, Callable[[], Tensor]], rest: dict[str, Tensor], names: list[str]) -> None:
+        self._builders, self._rest, self._names = builders, rest, names
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name in self._rest:
+            return self._rest[name]
+        return self._builders[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class MaskEnforcer:
@@ -54,6 +74,18 @@ class MaskEnforcer:
             rank_zero_warn(
                 f"FISH: {partial - covered} masked tensors are in no optimizer of this trainer; they are not guarded"
             )
+
+    def mask_view(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """With compact optimizers: ``masks`` as a read-only view that rebuilds each bool mask from the compact
+        int32 indices on access (no byte per candidate kept; masks of parameters in no optimizer stay as given).
+        Dense: ``masks`` itself (the guards and the gradient masking use them every step)."""
+        if not self.compact:
+            return masks
+        by_id: dict[int, Callable[[], Tensor]] = {}
+        for c in self.compact:
+            by_id.update(c.mask_builders())
+        builders = {n: by_id[id(params[n])] for n in masks if id(params[n]) in by_id}
+        return CompactMasks(builders, {n: m for n, m in masks.items() if n not in builders}, list(masks))
 
     def after_backward(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
         """Right after each backward, before anything (the user's ``clip_gradients`` under manual optimization,

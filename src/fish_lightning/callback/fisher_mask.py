@@ -253,7 +253,7 @@ class FisherMaskCallback(Callback):
         if restored is not None:
             self._apply_restored(trainer, restored)
         elif self.mask is not None:
-            self.enforcer.install(trainer.optimizers, self._params, self.mask.masks)
+            self._enforce(trainer)
         rank_zero_info(
             f"FISH: {len(self.candidates)} candidate tensors, {self.num_candidates:,} entries; "
             + (f"keeping {self.num_kept:,} from mask_path={self.mask_path}" if self._given_masks is not None else
@@ -287,7 +287,7 @@ class FisherMaskCallback(Callback):
         self.mask = ckpt.restore_mask(restored, self._params, self._sharded)
         if self.mask is not None:
             self._init_state = None
-            self.enforcer.install(trainer.optimizers, self._params, self.mask.masks)  # before optimizer state loads
+            self._enforce(trainer)  # before Lightning loads the (compact) optimizer state
         else:
             if self.warmup.fisher is None and self.settings.accumulates_warmup:
                 self.warmup.fisher = zeros_like_params(self._params)
@@ -298,7 +298,7 @@ class FisherMaskCallback(Callback):
         self._gate.watch(trainer.optimizers)
         if self.mask is not None:
             if not self.enforcer.covers(trainer.optimizers):
-                self.enforcer.install(trainer.optimizers, self._params, self.mask.masks)
+                self._enforce(trainer)
             return
         s = self.settings
         if s.mask_epoch is None and s.warmup_steps == 0:  # calibration or mask_path: the mask before any step
@@ -381,7 +381,7 @@ class FisherMaskCallback(Callback):
         self.mask.log(trainer, self._params)  # type: ignore[union-attr]
         log_anatomy(trainer, self.mask, self._params, fisher)
         warmup.fisher = None  # type: ignore[union-attr]
-        self.enforcer.install(trainer.optimizers, self._params, masks)
+        self._enforce(trainer)
 
     def _select(self, trainer: pl.Trainer, fisher: dict[str, Tensor] | None) -> tuple[dict, dict[str, int]]:
         """Exactly k entries scored from ``fisher`` (already reduced across ranks), identical on every rank;
@@ -396,13 +396,21 @@ class FisherMaskCallback(Callback):
         masks = {n: m.to(self._params[n].device) for n, m in masks.items()}
         return masks, distributed.kept_counts(trainer, masks, self._sharded)
 
+    def _enforce(self, trainer: pl.Trainer) -> None:
+        """Enforce the mask on this fit's optimizers; with compact ones, ``cb.masks`` becomes a view of their
+        indices (the bool masks are released)."""
+        masks = dict(self.mask.masks)  # type: ignore[union-attr]
+        self.enforcer.install(trainer.optimizers, self._params, masks)
+        self.mask.masks = self.enforcer.mask_view(self._params, masks)  # type: ignore[union-attr]
+
     def _reselect(self, trainer: pl.Trainer) -> None:
         """Re-select k entries from the Fisher accumulated since the last selection."""
         mask = self.mask
         fisher = distributed.reduce_mean_(trainer, mask.refisher) if self.settings.needs_fisher else None  # type: ignore[union-attr,arg-type]
         new, kept = self._select(trainer, fisher)
-        self.enforcer.reselect(trainer.optimizers, self._params, mask.masks, new)  # type: ignore[union-attr]
+        self.enforcer.reselect(trainer.optimizers, self._params, dict(mask.masks), new)  # type: ignore[union-attr]
         mask.replace(new, kept, self._params)  # type: ignore[union-attr]
+        mask.masks = self.enforcer.mask_view(self._params, new)  # type: ignore[union-attr]
         self.mask.log(trainer, self._params)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ verify and the end of fit

@@ -18,7 +18,8 @@ entries per group; no bool mask is kept.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -101,6 +102,20 @@ class CompactOptimizer:
     def index_bytes(self) -> int:
         """Bytes of the resident kept-entry indices."""
         return sum(g.idx.numel() * g.idx.element_size() for g in self._groups)
+
+    def mask_builders(self) -> dict[int, Callable[[], Tensor]]:
+        """``id(p)`` -> a function rebuilding ``p``'s bool mask (a new tensor) from this optimizer's int32
+        indices, for every parameter it enforces a mask on. The functions hold the index groups (4 B per kept
+        entry, shared with this optimizer), not the optimizer or the parameters."""
+        out: dict[int, Callable[[], Tensor]] = {}
+        for i, p in enumerate(self._p):
+            group, j = self._where[i]
+            out[id(p)] = partial(_mask_from_index, group, j, tuple(local(p).shape), local(p).device)
+        for p in self.dropped:
+            out[id(p)] = partial(torch.zeros, tuple(local(p).shape), dtype=torch.bool, device=local(p).device)
+        for p in self.whole:
+            out[id(p)] = partial(torch.ones, tuple(local(p).shape), dtype=torch.bool, device=local(p).device)
+        return out
 
     @torch.no_grad()
     def masks(self) -> dict[nn.Parameter, Tensor]:
@@ -202,6 +217,17 @@ def refuse_compact(optimizer: Optimizer) -> None:
             f"sparse_optimizer_state=True does not support {name}: {NOT_COMPACTABLE[name]}; use the dense masked "
             "step (sparse_optimizer_state=False), which keeps frozen entries bit-identical with it"
         )
+
+
+@torch.no_grad()
+def _mask_from_index(group: flat.Group, j: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    idx = group.member_index(j).long()
+    numel = 1
+    for s in shape:
+        numel *= s
+    m = torch.full((numel,), not group.kept, dtype=torch.bool, device=device)
+    m[idx] = group.kept
+    return m.view(shape)
 
 
 def optimizer_state_bytes(optimizer: Optimizer) -> int:
