@@ -275,9 +275,9 @@ def render(mem: FishMemory, title: str, command: str, base_params: int | None, f
         "",
         "With `sparse_optimizer_state=True`: `CompactOptimizer` keeps int32 indices of the kept entries (4 B × k) and "
         "no mask; a tensor kept whole stays dense in the optimizer and needs no indices or compact copy, so those "
-        "columns are upper bounds. Against the compact AdamW state (8 B × k), FISH's mask and index overhead: as "
-        "the callback keeps `cb.masks` today (bool), bit-packed, and derived from the indices "
-        "(`CompactOptimizer.masks()`, nothing resident beyond the indices):",
+        "columns are upper bounds. Against the compact AdamW state (8 B × k), FISH's mask and index overhead: with "
+        "bool masks (the callback of 0.1.0), bit-packed masks, and masks derived from the indices (what the callback "
+        "does since 0.2.0: `cb.masks` is a view rebuilt from the indices on access, nothing resident beyond them):",
         "",
         "| sparsity | kept k | AdamW state (8 B × k) | int32 indices (4 B × k) | compact values (4 B × k) "
         "| indices + bool `cb.masks` | indices + bit-packed masks | indices only (masks derived) |",
@@ -349,13 +349,12 @@ def verdict(mem: FishMemory, freeze_peak: FreezePeak | None = None) -> list[str]
         state, idx = d["state"], d["indices"]
         today, packed = idx + mem.mask_bool, idx + mem.mask_packed
         lines.append(
-            f"- **After the freeze, `sparse_optimizer_state=True`, sparsity {s:g}, as the callback keeps `cb.masks` "
-            f"(bool): {_yes_no(today, state)}.** The bool masks ({_mib(mem.mask_bool)} MiB) plus the int32 indices "
-            f"({_mib(idx)} MiB) are {_ratio(today, state)} the compact AdamW state ({_mib(state)} MiB). Bit-packed "
-            f"masks plus the indices ({_mib(packed)} MiB, {_per(packed, n)} B/candidate) would be "
-            f"{_relation(packed, state)} it ({_yes_no(packed, state)}); masks derived from the indices on demand "
-            f"(`CompactOptimizer.masks()`), the indices alone ({_mib(idx)} MiB, {_per(idx, n)} B/candidate), "
-            f"{_relation(idx, state)} it ({_yes_no(idx, state)})."
+            f"- **After the freeze, `sparse_optimizer_state=True`, sparsity {s:g}: {_yes_no(idx, state)}.** "
+            f"`cb.masks` is rebuilt on access from the compact optimizer's int32 indices, so the mask costs the "
+            f"indices alone ({_mib(idx)} MiB, {_per(idx, n)} B/candidate), {_relation(idx, state)} the compact AdamW "
+            f"state ({_mib(state)} MiB). Kept as bool masks (0.1.0) it was {_mib(today)} MiB, {_ratio(today, state)} "
+            f"that state ({_yes_no(today, state)}); bit-packed masks plus the indices would be {_mib(packed)} MiB "
+            f"({_per(packed, n)} B/candidate, {_yes_no(packed, state)})."
         )
     if freeze_peak is not None:
         total = mem.fisher_fp32 + freeze_peak.peak

@@ -61,11 +61,11 @@ def test_counts_on_a_tiny_llama_match_hand_computed_numbers():
     assert "**Warmup, `per_example`, FSDP2 on 2 ranks (per rank): no.**" in page  # 2976 B vs 1984 B
     assert "= 0.0 MiB, 1.5x the rank's AdamW shard" in page
     assert "**After the freeze, dense optimizer state: yes**" in page and "are 1/8 of AdamW's" in page
-    # sparse state: bool masks + int32 indices vs the compact AdamW state: 696 B vs 400 B, 516 B vs 40 B
-    assert "sparsity 0.9, as the callback keeps `cb.masks` (bool): no.**" in page and "are 1.74x the compact" in page
-    assert "sparsity 0.99, as the callback keeps `cb.masks` (bool): no.**" in page and "are 12.9x the compact" in page
-    # masks derived from the indices: the indices alone, half the compact state
-    assert "the indices alone (0.0 MiB, 0.0403 B/candidate), below it (yes)" in page  # 20 B / 496
+    # sparse state: cb.masks derived from the int32 indices: the indices alone, half the compact state (20 B vs 40 B)
+    assert "**After the freeze, `sparse_optimizer_state=True`, sparsity 0.99: yes.**" in page
+    assert "the indices alone (0.0 MiB, 0.0403 B/candidate), below the compact AdamW state" in page  # 20 B / 496
+    # what bool masks + int32 indices cost (0.1.0): 696 B vs 400 B, 516 B vs 40 B
+    assert "1.74x that state (no)" in page and "12.9x that state (no)" in page
     assert "**After the freeze, dense masked step, sparsity 0.99: yes.**" in page  # 496 + 40 B vs 3968 B
     # every table row states its verdict against AdamW's state
     rows = [ln for ln in page.splitlines() if ln.startswith("| ") and not ln.startswith("| what")
