@@ -394,6 +394,21 @@ def test_resume_without_checkpoint_starts_fresh_and_says_so(tmp_path):
     assert resume_path(tmp_path, resume=True) == str(tmp_path / "checkpoints" / "last.ckpt")
 
 
+def test_a_requeued_slurm_job_resumes_without_asking(tmp_path, monkeypatch):
+    """SLURM sets SLURM_RESTART_COUNT >= 1 in a requeued job (preemption, or submitit's requeue at the time
+    limit, hydra/launcher=slurm's max_num_timeout): fish-train then resumes from the run's last.ckpt."""
+    from fish_lightning.app.checkpointing import resume_path
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert resume_path(tmp_path, resume=False) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert resume_path(tmp_path, resume=False) is None  # the first run of the job
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert resume_path(tmp_path, resume=False) == str(tmp_path / "checkpoints" / "last.ckpt")
+
+
 def test_mask_path_reproduces_the_run_that_made_the_mask(kept_run, tmp_path_factory):
     """``fish.mask_path``: the same kept entries; the warmup replayed (same steps, no Fisher): the same weights."""
     ref_dir, _ = kept_run

@@ -10,6 +10,7 @@ holds the model, optimizer, scheduler, loops, the FISH callback's state, the dat
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,21 @@ def checkpoint_callbacks(every_n_train_steps: int | None, run_dir: Path) -> list
     ]
 
 
+def requeued() -> bool:
+    """This process is a SLURM job that was requeued (preemption, or submitit's requeue at the time limit):
+    ``SLURM_RESTART_COUNT`` >= 1."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+    except ValueError:
+        return False
+
+
 def resume_path(run_dir: Path, resume: bool) -> str | None:
-    """``run_dir/checkpoints/last.ckpt`` when ``resume`` and it exists (logged); ``None`` otherwise (a fresh start,
-    said so when ``resume`` asked for one)."""
+    """``run_dir/checkpoints/last.ckpt`` when ``resume`` (or the job is a requeued SLURM job, :func:`requeued`)
+    and it exists (logged); ``None`` otherwise (a fresh start, said so when a resume was asked for)."""
+    if requeued() and not resume:
+        log.info(f"resume: requeued SLURM job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']})")
+        resume = True
     if not resume:
         return None
     path = run_dir / CHECKPOINT_DIR / LAST
