@@ -384,6 +384,30 @@ def test_sigkill_then_resume_is_bit_identical(kill_at, kept_run, tmp_path_factor
     assert len(runs) == 1 and runs[0]["status"] == "ok" and len(summarize(runs)) == 1  # fish-report reads it
 
 
+def test_multirun_resumes_job_by_job(kept_run, tmp_path_factory):
+    """A 2-job sweep killed in job 1 (after its step-6 checkpoint, job 0 done): the same sweep with resume=true
+    continues each job from its own checkpoints/last.ckpt; both end bit-identical to the uninterrupted run."""
+    ref_dir, _ = kept_run
+    root = tmp_path_factory.mktemp("sweep")
+    sweep = root / "sweep"
+    kill = ["+callbacks.kill._target_=conftest.KillAfterCheckpoint",
+            "+callbacks.kill.path=${hydra:runtime.output_dir}/checkpoints/last.ckpt"]  # fmt: skip
+    tests = str(Path(__file__).resolve().parent)
+    proc = _cli(["-m", *KEEP, *kill, "+callbacks.kill.at_step=1000,7", f"hydra.sweep.dir={sweep}"], root,
+                PYTHONPATH=tests)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (sweep / "0" / "results.json").is_file() and not (sweep / "1" / "results.json").is_file()
+    proc = _cli(["-m", *KEEP, *kill, "+callbacks.kill.at_step=1000,1000", "resume=true", f"hydra.sweep.dir={sweep}"],
+                root, PYTHONPATH=tests)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = json.loads((ref_dir / "results.json").read_text())
+    for job in ("0", "1"):
+        res = json.loads((sweep / job / "results.json").read_text())
+        assert res["metrics"] == ref["metrics"] and res["resumed_from"].endswith("last.ckpt"), job
+        adapter = "adapter/adapter_model.safetensors"
+        assert _bit_identical(_tensors(ref_dir / adapter), _tensors(sweep / job / adapter)), job
+
+
 def test_resume_without_checkpoint_starts_fresh_and_says_so(tmp_path):
     from fish_lightning.app.checkpointing import resume_path
 

@@ -196,6 +196,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if not metrics and ckpt_path is not None:  # resumed from the end of a finished run: nothing left to train
+        trainer.validate(module, datamodule=data, verbose=False)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     mode = getattr(data, "primary_metric_mode", "max")  # "min" for losses (causal LMs)
     record: dict[str, Any] = {"metrics": metrics, "primary_metric": f"val/{data.metrics[0]}",
                               "primary_metric_mode": mode, "resumed_from": ckpt_path, **budget_info}  # fmt: skip
