@@ -118,11 +118,17 @@ class EmbeddingRule(Rule):
 
 
 def _embedding_square_into(ids: Tensor, g: Tensor):
+    """``acc[row] += factor * sum_b (sum of g[b, t] over the tokens t of example b with id row)^2``: one ``unique``
+    over (example, id) keys for the whole batch (no Python loop over examples)."""
+
     def add(acc: Tensor, factor: float) -> None:
-        for b in range(ids.shape[0]):
-            rows, inv = ids[b].unique(return_inverse=True)
-            per = torch.zeros(rows.numel(), g.shape[-1], dtype=g.dtype, device=g.device).index_add_(0, inv, g[b])
-            acc.index_add_(0, rows, per.square_(), alpha=factor)
+        rows_total = acc.shape[0]
+        b = ids.shape[0]
+        keys = (torch.arange(b, device=ids.device).unsqueeze(1) * rows_total + ids.long()).reshape(-1)
+        uniq, inv = keys.unique(return_inverse=True)  # sorted: example-major, like a loop over examples
+        per = torch.zeros(uniq.numel(), g.shape[-1], dtype=g.dtype, device=g.device)
+        per.index_add_(0, inv, g.reshape(-1, g.shape[-1]))
+        acc.index_add_(0, uniq % rows_total, per.square_(), alpha=factor)
 
     return add
 
