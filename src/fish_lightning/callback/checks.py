@@ -67,6 +67,11 @@ def warn_short_warmup(settings: FishSettings, trainer: Any) -> None:
         )
 
 
+def bound_to(refs: list, params: dict[str, nn.Parameter]) -> bool:
+    """Whether ``refs`` (weak references) are exactly these candidate tensors, in order."""
+    return len(refs) == len(params) and all(r() is p for r, p in zip(refs, params.values()))
+
+
 def warn_new_model() -> None:
     rank_zero_warn(
         "FISH: this fit's model is not the one the callback's state belongs to (a new model, or other "

@@ -36,6 +36,7 @@ from fish_lightning.callback import checkpoint as ckpt
 from fish_lightning.callback import distributed
 from fish_lightning.callback.calibration import calibrate_fisher
 from fish_lightning.callback.checks import (
+    bound_to,
     check_fit,
     check_strategy,
     load_given_masks,
@@ -59,48 +60,37 @@ class FisherMaskCallback(Callback):
         sparsity: fraction of candidate entries frozen, in ``[0, 1)``; density is ``1 - sparsity``.
         warmup_steps: dense optimizer steps before the freeze whose gradients feed the Fisher (``>= 1``; ``0``
             only with ``calibration_samples`` or ``mask_path``: the mask before any training step).
-        mask_epoch: the mask is frozen at the start of this epoch; ``None`` freezes right after
-            ``warmup_steps`` steps.
-        include: regexes (``re.search``) over ``named_parameters()`` names; when given, the
-            candidates are the trainable parameters matching any of them.
-        exclude: regexes removing candidates. By default the candidates are all trainable
-            parameters except peft's ``modules_to_save`` copies (e.g. the classifier head) and
-            modules marked ``fish_always_trained = True`` (our bottleneck adapters' head), which
-            stay fully trainable. AdaLoRA is refused at fit start (its rank allocator edits entries).
-        scope: ``"global"`` top-k over all candidates (the paper), ``"per_tensor"`` (every tensor keeps the same
-            density), or ``"normalized"``: a global top-k over each tensor's Fisher divided by its mean, so
-            tensors whose gradients are orders of magnitude smaller (LoRA A vs B, query vs value) are not
-            starved while densities still follow the Fisher (beyond the paper).
-        selection: ``"fisher"``; baselines ``"random"`` (seeded), ``"reverse"`` (lowest Fisher),
-            ``"magnitude"`` (largest ``|w|`` at the freeze).
+        mask_epoch: the mask is frozen at the start of this epoch; ``None`` freezes right after ``warmup_steps``.
+        include: regexes (``re.search``) over ``named_parameters()`` names; when given, the candidates are the
+            trainable parameters matching any of them.
+        exclude: regexes removing candidates. By default the candidates are all trainable parameters except peft's
+            ``modules_to_save`` copies (e.g. the classifier head) and modules marked ``fish_always_trained = True``
+            (our bottleneck adapters' head), which stay fully trainable. AdaLoRA is refused at fit start.
+        scope: ``"global"`` top-k over all candidates (the paper), ``"per_tensor"`` (one density everywhere), or
+            ``"normalized"``: a global top-k over each tensor's Fisher divided by its mean, so tensors with much
+            smaller gradients (LoRA A vs B) are not starved while densities still follow the Fisher.
+        selection: ``"fisher"``; baselines ``"random"`` (seeded), ``"reverse"`` (lowest Fisher), ``"magnitude"``.
         seed: seed of the ``"random"`` selection (identical on every rank).
-        calibration_samples: when set, the Fisher is the sum of true per-example squared
-            gradients over this many training examples, computed at the freeze without updating
-            anything (model in eval mode). The module's ``fisher_loss(batch) -> Tensor[b]`` is used
-            if it defines one, else ``training_step`` on one example at a time.
+        calibration_samples: when set, the Fisher is the sum of true per-example squared gradients over this many
+            training examples, computed at the freeze without updating anything (eval mode), from the module's
+            ``fisher_loss(batch) -> Tensor[b]`` if it defines one, else ``training_step`` on one example at a time.
         keep_fisher: keep ``cb.fisher`` (on CPU) after the freeze instead of freeing it.
-        fisher_estimator: warmup estimate: ``"per_example"`` (exact sum of squared per-example gradients from the
-            training backward, one rule per module type; ``"batch_grad"`` with a warning for what none covers)
-            or ``"batch_grad"`` (squared mini-batch gradient per step).
-        rewind_frozen: at the freeze, reset frozen entries to their values at fit start (keeps one
-            copy of the candidates until the freeze).
-        sparse_optimizer_state: from the freeze on, the optimizer trains compact tensors of the
-            kept entries (:class:`~fish_lightning.core.sparse_state.CompactOptimizer`), so its state
-            (and the gradients it sees) scale with the kept entries; frozen entries leave it.
-        strict: make :meth:`verify` at the end of ``fit`` raise instead of warn when a frozen entry
-            moved.
-        reselect_every_n_steps: after the freeze, keep accumulating the Fisher (squared mini-batch
-            gradients of all candidates) and every N optimizer steps re-select exactly k entries:
-            newly kept entries start with zero optimizer state, dropped ones stop where they are.
+        fisher_estimator: ``"per_example"`` (exact sum of squared per-example gradients from the training
+            backward, one rule per module type; ``"batch_grad"`` with a warning for what none covers) or
+            ``"batch_grad"`` (squared mini-batch gradient per step).
+        rewind_frozen: at the freeze, reset frozen entries to their fit-start values (one copy kept until then).
+        sparse_optimizer_state: from the freeze on, the optimizer trains compact tensors of the kept entries
+            (:class:`~fish_lightning.core.sparse_state.CompactOptimizer`); frozen entries leave it.
+        strict: make :meth:`verify` at the end of ``fit`` raise instead of warn when a frozen entry moved.
+        reselect_every_n_steps: after the freeze, keep accumulating squared mini-batch gradients and re-select
+            exactly k entries every N optimizer steps (newly kept entries start with zero optimizer state);
             ``None`` (default): the paper's fixed mask.
-        loss_reduction: how the training loss reduces the per-example losses of a batch, ``"mean"`` (default) or
-            ``"sum"``; the per-example warmup Fisher and calibration undo it. When the module defines
-            ``fisher_loss`` the first warmup batch is checked against it and a mismatch is warned about.
-        mask_path: a mask saved with :func:`~fish_lightning.core.mask_file.save_mask` (e.g. a ``fish-train``
-            run's ``fish_mask.safetensors``): applied at the configured freeze point instead of a selection (no
-            Fisher is accumulated; the dense warmup steps still run, so the run reproduces the one that made
-            the mask; ``warmup_steps=0, mask_epoch=None`` applies it at fit start). Its names and shapes must be
-            exactly this fit's candidates (checked at fit start); ``sparsity``/``selection`` are then unused.
+        loss_reduction: ``"mean"`` (default) or ``"sum"``: how the training loss reduces per-example losses; the
+            Fisher undoes it; with ``fisher_loss`` the first warmup batch is checked and a mismatch warned about.
+        mask_path: a mask saved with :func:`~fish_lightning.core.mask_file.save_mask` (a run's
+            ``fish_mask.safetensors``), applied at the configured freeze instead of a selection (no Fisher; the
+            dense warmup still runs; ``warmup_steps=0, mask_epoch=None``: at fit start). Names and shapes must be
+            this fit's candidates (checked at fit start); ``sparsity``/``selection`` are then unused.
 
     After the freeze, ``cb.masks`` maps parameter names to bool masks (True = trained).
     """
@@ -239,7 +229,7 @@ class FisherMaskCallback(Callback):
         else:
             self.candidates = find_candidates(pl_module, self.include, self.exclude)
         params = {n: named[n] for n in self.candidates}
-        if restored is None and not self._bound_to(params):
+        if restored is None and not bound_to(self._bound, params):
             self._start_over(params)
         self._params, self._bound = params, [weakref.ref(p) for p in params.values()]
         self._sharded = check_strategy(self.settings, trainer, self._params)
@@ -254,14 +244,10 @@ class FisherMaskCallback(Callback):
             self._apply_restored(trainer, restored)
         elif self.mask is not None:
             self._enforce(trainer)
-        rank_zero_info(
-            f"FISH: {len(self.candidates)} candidate tensors, {self.num_candidates:,} entries; "
-            + (f"keeping {self.num_kept:,} from mask_path={self.mask_path}" if self._given_masks is not None else
-               f"keeping {self.num_kept:,} (sparsity {self.sparsity:g}, {self.selection}, {self.scope})")  # fmt: skip
-        )
-
-    def _bound_to(self, params: dict[str, nn.Parameter]) -> bool:
-        return len(self._bound) == len(params) and all(r() is p for r, p in zip(self._bound, params.values()))
+        how = f"from mask_path={self.mask_path}" if self._given_masks is not None else \
+            f"(sparsity {self.sparsity:g}, {self.selection}, {self.scope})"  # fmt: skip
+        rank_zero_info(f"FISH: {len(self.candidates)} candidate tensors, {self.num_candidates:,} entries; "
+                       f"keeping {self.num_kept:,} {how}")  # fmt: skip
 
     def _start_over(self, params: dict[str, nn.Parameter]) -> None:
         """A model other than the one this state belongs to: the previous Fisher/mask are not for it."""
