@@ -7,9 +7,10 @@ candidate entry, what :class:`~fish_lightning.FisherMaskCallback` allocates (see
 ``callback.py``/``fisher.py``/``sparse_state.py``):
 
 * warmup: ``cb.fisher``, one fp32 accumulator per candidate. With ``fisher_estimator="per_example"``
-  (the default) the hooks add each step's squares straight into it (``attach(into=cb.fisher)``: no
-  second buffer), except under FSDP2 sharding, where every rank also holds whole-shaped fp32 per-step
-  sums (reduce-scattered into its Fisher shard each step);
+  (the default) the hooks add the squares straight into it (``attach(into=cb.fisher)``: no second
+  buffer). Under FSDP2 ``cb.fisher`` is shard-shaped; each module call in the backward builds the
+  whole-shaped fp32 sum of its own candidates, reduce-scatters it at once (mean over ranks) into the
+  rank's shard and frees it (``attach(scatter=...)``): one call's candidates at a time, whole-shaped;
 * after the freeze: ``cb.masks``, one bool (1 byte) per candidate; checkpoints bit-pack them
   (``pack_mask``: ``ceil(numel / 8)`` bytes per tensor);
 * AdamW: ``exp_avg`` + ``exp_avg_sq`` in fp32 per trained entry (plus a 4-byte ``step`` per tensor);
@@ -93,7 +94,8 @@ class FishMemory:
     candidates: int  # n, entries
     largest: int  # entries of the largest candidate tensor (bounds the selection's per-tensor temporaries)
     fisher_fp32: int  # cb.fisher (per_example hooks add into it directly, batch_grad too)
-    hook_sums_fp32: int  # PerExampleSquaredGrads' own whole-shaped per-step sums: FSDP2 sharding only, per rank
+    call_buffer_fp32: int  # FSDP2, per rank: the largest module call's whole-shaped fp32 sum of its candidates
+    call_module: str  # a module making that largest buffer
     mask_bool: int  # cb.masks after the freeze
     mask_packed: int  # bit-packed, as in checkpoints
     lora_fp32: int  # the LoRA weights themselves (for scale)
@@ -101,7 +103,7 @@ class FishMemory:
     adamw_steps: int  # AdamW's step counters, one per tensor
     sparse: dict[float, dict[str, int]]  # sparsity -> kept, state, indices, values (sparse_optimizer_state),
     #   dense_indices (mask_gradients' + FrozenEntryGuard's int32 indices of the smaller side, dense masked step)
-    fsdp2: dict[int, dict[str, int]]  # world size -> per-rank (largest shards) fisher, sums, warmup, adamw
+    fsdp2: dict[int, dict[str, int]]  # world size -> per rank (largest shards): fisher, call_buffer, warmup, adamw
 
     @property
     def warmup_per_example(self) -> int:
@@ -113,12 +115,25 @@ class FishMemory:
         return self.fisher_fp32
 
 
+def module_calls(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Module -> entries of its candidates: what one call of it scatters under FSDP2. A per-example rule claims
+    its own module's parameters (LoRA's A and B are each an ``nn.Linear``: one matrix per call)."""
+    calls: dict[str, int] = {}
+    for name, shape in shapes.items():
+        module = name.rpartition(".")[0]
+        calls[module] = calls.get(module, 0) + math.prod(shape)
+    return calls
+
+
 def fish_memory(
     shapes: dict[str, tuple[int, ...]], sparsities: Sequence[float] = (0.9, 0.99), world_sizes: Sequence[int] = (2, 8)
 ) -> FishMemory:
     """Count the bytes (see the module doc) for candidate tensors of these shapes."""
     sizes = [math.prod(s) for s in shapes.values()]
     n = sum(sizes)
+    calls = module_calls(shapes)
+    call_module = max(calls, key=calls.__getitem__)  # (the first of the largest)
+    call_buffer = FP32 * calls[call_module]
     sparse = {}
     for s in sparsities:
         k = num_kept(n, s)
@@ -127,14 +142,15 @@ def fish_memory(
     fsdp2 = {}
     for w in world_sizes:
         local = sum(shard_entries(s, w) for s in shapes.values())
-        fsdp2[w] = {"fisher": FP32 * local, "sums": FP32 * n, "warmup": FP32 * local + FP32 * n,
+        fsdp2[w] = {"fisher": FP32 * local, "call_buffer": call_buffer, "warmup": FP32 * local + call_buffer,
                     "adamw": 2 * FP32 * local}  # fmt: skip
     return FishMemory(
         tensors=len(sizes),
         candidates=n,
         largest=max(sizes),
         fisher_fp32=FP32 * n,
-        hook_sums_fp32=FP32 * n,
+        call_buffer_fp32=call_buffer,
+        call_module=call_module,
         mask_bool=BOOL * n,
         mask_packed=sum((x + 7) // 8 for x in sizes),
         lora_fp32=FP32 * n,
@@ -295,16 +311,18 @@ def render(mem: FishMemory, title: str, command: str, base_params: int | None, f
         out += [
             "",
             "Warmup per rank under FSDP2 (`fully_shard`: dim 0 split across ranks; largest shard, rank 0), "
-            '`fisher_estimator="per_example"`: the Fisher shard plus whole-shaped per-step sums of every '
-            "candidate (made for all candidates as soon as one is sharded), against the rank's AdamW shard:",
+            '`fisher_estimator="per_example"`: the Fisher shard plus, transient in the backward, one module '
+            "call's whole-shaped fp32 sum of its own candidates, reduce-scattered at once (mean over ranks) "
+            f"into the shard and freed; the largest call here is `{mem.call_module}` "
+            f"({mem.call_buffer_fp32 // FP32:,} entries). Against the rank's AdamW shard:",
             "",
-            "| ranks | `cb.fisher` shard | per-step sums (whole) | warmup total | AdamW state shard "
+            "| ranks | `cb.fisher` shard | one call's buffer (whole, transient) | warmup peak | AdamW state shard "
             "| per rank, bytes / candidate of the model (warmup vs AdamW) | against the rank's AdamW shard |",
             "|---:|---:|---:|---:|---:|---:|---|",
         ]
         for w, d in mem.fsdp2.items():
             out.append(
-                f"| {w} | {_mib(d['fisher'])} MiB | {_mib(d['sums'])} MiB | {_mib(d['warmup'])} MiB | "
+                f"| {w} | {_mib(d['fisher'])} MiB | {_mib(d['call_buffer'])} MiB | {_mib(d['warmup'])} MiB | "
                 f"{_mib(d['adamw'])} MiB | {_per(d['warmup'], n)} vs {_per(d['adamw'], n)} | "
                 f"{_against(d['warmup'], d['adamw'])} |"
             )
@@ -328,8 +346,9 @@ def verdict(mem: FishMemory, freeze_peak: FreezePeak | None = None) -> list[str]
     for w, d in mem.fsdp2.items():
         lines.append(
             f"- **Warmup, `per_example`, FSDP2 on {w} ranks (per rank): {_yes_no(d['warmup'], d['adamw'])}.** "
-            f"The Fisher shard ({_mib(d['fisher'])} MiB) plus the whole-shaped per-step sums ({_mib(d['sums'])} MiB) "
-            f"= {_mib(d['warmup'])} MiB, {_ratio(d['warmup'], d['adamw'])} the rank's AdamW shard "
+            f"The Fisher shard ({_mib(d['fisher'])} MiB) plus one module call's whole-shaped buffer "
+            f"({_mib(d['call_buffer'])} MiB, transient) = {_mib(d['warmup'])} MiB, {_ratio(d['warmup'], d['adamw'])} "
+            f"the rank's AdamW shard "
             f"({_mib(d['adamw'])} MiB). With `batch_grad` the Fisher shard alone is "
             f"{_ratio(d['fisher'], d['adamw'])} it ({_yes_no(d['fisher'], d['adamw'])})."
         )
@@ -404,10 +423,10 @@ def notes(mem: FishMemory, freeze_peak: FreezePeak | None = None) -> list[str]:
         "- Transient, each warmup step: the hooks materialise per-example gradients in chunks of at most 2^24 fp32 "
         "entries (64 MiB) per LoRA call, and keep a reference to each LoRA layer's input until the backward "
         "(autograd keeps it anyway).",
-        "- Non-finite warmup steps: with the per-example squares added straight into `cb.fisher`, a step with a "
-        "non-finite gradient cannot be left out after the fact, so the Fisher restarts from zero (and the "
-        "warmup count with it); `batch_grad`, and `per_example` under FSDP2 (separate per-step sums), leave "
-        "that step out instead.",
+        "- Non-finite warmup steps: with `per_example` the squares go straight into `cb.fisher` (under FSDP2 "
+        "too, each call's share reduce-scattered into the shard during the backward), so a step with a "
+        "non-finite gradient cannot be left out after the fact: the Fisher restarts from zero (and the warmup "
+        "count with it); `batch_grad` adds after the step's check and leaves that step out instead.",
         "- Per masked step (dense state): `FrozenEntryGuard` copies the partly frozen tensors from "
         f"`on_before_optimizer_step` to the end of `optimizer.step()` (4 B/candidate in fp32: {_mib(FP32 * n)} MiB, "
         "freed after the step). The batched ops (`core/flat.py`) work on groups of tensors of at most "
@@ -423,9 +442,12 @@ def notes(mem: FishMemory, freeze_peak: FreezePeak | None = None) -> list[str]:
         f"in place, in all-reduces of at most {REDUCE_BUCKET:,} consecutive entries (a flat fp32 copy of one bucket "
         f"and its averaged copy: {_mib(2 * FP32 * REDUCE_BUCKET)} MiB at most), and rank 0's masks are broadcast "
         "bit-packed and unpacked into new bool masks (1 B/candidate more while the selected ones are replaced).",
-        "- Per rank under FSDP2: `cb.fisher`, the masks and AdamW's state are per shard, but the per-example "
-        "hooks' per-step sums are whole-shaped on every rank (table above), for every candidate as soon as one "
-        "is sharded.",
+        "- Per rank under FSDP2: `cb.fisher`, the masks and AdamW's state are per shard. The per-example hooks "
+        f"hold one module call's whole-shaped fp32 sum at a time ({_mib(mem.call_buffer_fp32)} MiB at most here, "
+        "table above) and the reduce-scatter's shard-shaped result until it is added: one reduce-scatter per "
+        "module call, in the backward, in the same order on every rank. A module called more than once per "
+        "forward (tied weights) instead buffers its per-example gradients (`[B, numel]` fp32) until the end of "
+        "the backward; no LoRA matrix here is.",
     ]
     return lines
 

@@ -1,9 +1,11 @@
 """scripts/memory_table.py: its counts on a tiny LLaMA (checked by hand), its computed verdicts, its
-allocation measurement, and that the counts are what the callback actually allocates in a run (the
-Fisher, into which the per-example hooks add directly; masks; compact optimizer state)."""
+allocation measurement, that the counts are what the callback actually allocates in a run (the
+Fisher, into which the per-example hooks add directly; masks; compact optimizer state) and what the
+hooks hold under FSDP2's scatter path, and that docs/memory_7b.md's FSDP2 figures are the script's."""
 
 import gc
 import importlib.util
+import math
 import sys
 import weakref
 from pathlib import Path
@@ -17,7 +19,7 @@ from fish_lightning import FisherMaskCallback
 from fish_lightning.adapters.decoders import apply_decoder_peft, build_causal_lm
 from fish_lightning.app.causal_lm import CausalLM
 from fish_lightning.core.fisher import PerExampleSquaredGrads
-from test_causal_lm import lm_loader
+from test_causal_lm import lm_batch, lm_loader
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "memory_table.py"
 spec = importlib.util.spec_from_file_location("memory_table", SCRIPT)
@@ -32,6 +34,9 @@ TINY = dict(hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attent
 # down: A [2, 12] + B [8, 2] = 40. 248 per layer, 496 in 28 tensors. Bit-packed: ceil(16/8) = 2, ceil(24/8) = 3 bytes
 # per tensor -> q/k/v/o 4 x (2 + 2) + gate/up 2 x (2 + 3) + down (3 + 2) = 31 per layer.
 N, TENSORS, PACKED = 496, 28, 62
+# FSDP2: one module call (one LoRA matrix, an nn.Linear) at a time; the largest, down's A or gate/up's B: 24 entries
+CALL, GATE_B = 4 * 24, "base_model.model.model.layers.0.mlp.gate_proj.lora_B.default"  # the first of them
+DOC = Path(__file__).resolve().parents[1] / "docs" / "memory_7b.md"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
@@ -43,7 +48,8 @@ def test_counts_on_a_tiny_llama_match_hand_computed_numbers():
     assert shapes["base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"] == (2, 12)
     mem = memory_table.fish_memory(shapes, (0.9, 0.99), (2,))
     assert (mem.candidates, mem.tensors, mem.largest) == (N, TENSORS, 24)
-    assert mem.fisher_fp32 == mem.hook_sums_fp32 == mem.lora_fp32 == 4 * N == 1984
+    assert mem.fisher_fp32 == mem.lora_fp32 == 4 * N == 1984
+    assert (mem.call_buffer_fp32, mem.call_module) == (CALL, GATE_B)
     # per_example adds into cb.fisher (no second buffer): half of AdamW's exp_avg + exp_avg_sq
     assert mem.warmup_per_example == mem.warmup_batch_grad == 1984 and mem.adamw_dense == 3968
     assert mem.adamw_steps == 4 * TENSORS
@@ -52,14 +58,17 @@ def test_counts_on_a_tiny_llama_match_hand_computed_numbers():
     # int32 indices (4 B x k); the dense masked step's two indices of the smaller side: 2 x 4 B x min(k, n - k)
     assert mem.sparse[0.9] == {"kept": 50, "state": 400, "indices": 200, "values": 200, "dense_indices": 400}
     assert mem.sparse[0.99] == {"kept": 5, "state": 40, "indices": 20, "values": 20, "dense_indices": 40}
-    # FSDP2 on 2 ranks: every dim 0 (2, 8 or 12) halves -> 248 local entries; whole-shaped sums of all 496
-    assert mem.fsdp2[2] == {"fisher": 992, "sums": 1984, "warmup": 2976, "adamw": 1984}
+    # FSDP2 on 2 ranks: every dim 0 (2, 8 or 12) halves -> 248 local entries; plus one call's whole buffer
+    assert mem.fsdp2[2] == {"fisher": 992, "call_buffer": CALL, "warmup": 992 + CALL, "adamw": 1984}
     peak = memory_table.FreezePeak(peak=N + 100, after=N, events=1)
     page = memory_table.render(mem, "tiny", "cmd", None, peak)
     assert '**Warmup, `fisher_estimator="per_example"` (default), one process or DDP: yes.**' in page
     assert "(4 B/candidate; the hooks add into it, no second buffer) is 1/2 of AdamW's dense state" in page
-    assert "**Warmup, `per_example`, FSDP2 on 2 ranks (per rank): no.**" in page  # 2976 B vs 1984 B
-    assert "= 0.0 MiB, 1.5x the rank's AdamW shard" in page
+    assert "**Warmup, `per_example`, FSDP2 on 2 ranks (per rank): yes.**" in page  # 1088 B vs 1984 B
+    assert "= 0.0 MiB, 0.548x the rank's AdamW shard" in page
+    assert f"the largest call here is `{GATE_B}` (24 entries)" in page
+    assert "whole-shaped per-step sums" not in page and "leave that step out" not in page
+    assert "the Fisher restarts from zero" in page and "`batch_grad` adds after the step's check" in page
     assert "**After the freeze, dense optimizer state: yes**" in page and "are 1/8 of AdamW's" in page
     # sparse state: cb.masks derived from the int32 indices: the indices alone, half the compact state (20 B vs 40 B)
     assert "**After the freeze, `sparse_optimizer_state=True`, sparsity 0.99: yes.**" in page
@@ -137,19 +146,79 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def test_sharded_hook_sums_are_the_fsdp2_row():
-    """Under FSDP2 the callback attaches the hooks without ``into`` (``callback.on_train_start``): they make
-    their own whole-shaped fp32 per-step sums, the table's FSDP2 row."""
+def _one_backward(model, hooks) -> dict:
+    """One forward + backward of an LM batch through ``hooks``; returns what multi-call modules buffered."""
+    batch = lm_batch()
+    hooks.start_batch(batch["input_ids"].shape[0])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    torch.autograd.grad(out.loss, list(hooks._params.values()))
+    pending = dict(hooks._pending)
+    hooks.finish_batch()
+    hooks.detach()
+    return pending
+
+
+def test_fsdp2_scatter_path_holds_one_module_calls_buffer():
+    """FSDP2's path without processes (``warmup.attach``: ``into=`` the shard-shaped Fisher, ``scatter=`` a
+    reduce-scatter; here rank 0's rows of one rank): the shards are the table's, each call scatters the
+    module's candidates whole-shaped, and the whole-shaped buffers alive at once never exceed the table's."""
     model = apply_decoder_peft(build_causal_lm(tiny_config={"model_type": "llama", **TINY}), r=2, lora_alpha=4)
+    with torch.no_grad():  # B starts at 0, which would make every dL/dA exactly 0
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     shapes = memory_table.candidate_shapes(model)
+    mem = memory_table.fish_memory(shapes, (0.9,), (2,))
     params = dict(model.named_parameters())
-    hooks = PerExampleSquaredGrads(model, {n: params[n] for n in shapes})
-    assert not hooks.uncovered
-    try:
-        hooks.attach()
-        assert not hooks.direct and _nbytes(hooks.sums.values()) == memory_table.fish_memory(shapes).hook_sums_fp32
-    finally:
-        hooks.detach()
+    candidates = {n: params[n] for n in shapes}
+    owned = [list(o.values()) for _, _, o in PerExampleSquaredGrads(model, candidates)._rules]  # per module
+    assert all(len(o) == 1 for o in owned)  # LoRA: A and B are each an nn.Linear
+    calls = {o[0].rpartition(".")[0]: math.prod(shapes[o[0]]) for o in owned}
+    assert calls == memory_table.module_calls(shapes)
+    rows = {n: -(-s[0] // 2) for n, s in shapes.items()}  # rank 0's rows (torch.chunk)
+    shards = {n: torch.zeros(rows[n], *s[1:]) for n, s in shapes.items()}
+    assert _nbytes(shards.values()) == mem.fsdp2[2]["fisher"]
+    live, seen, peak = [], [], 0
+
+    def scatter(name):
+        def part(whole):
+            nonlocal live, peak
+            assert whole.shape == shapes[name] and whole.dtype == torch.float32
+            live = [(r, b) for r, b in live if r() is not None] + [(weakref.ref(whole), _nbytes([whole]))]
+            peak = max(peak, sum(b for _, b in live))
+            seen.append(name)
+            return whole[: rows[name]].clone()
+
+        return part
+
+    hooks = PerExampleSquaredGrads(model, candidates).attach(into=shards, scatter={n: scatter(n) for n in shapes})
+    assert not _one_backward(model, hooks)  # no multi-call module: nothing buffered until the end of the backward
+    assert sorted(seen) == sorted(shapes) and not hooks.missed  # one call per LoRA matrix, each scattered once
+    assert peak == mem.call_buffer_fp32 == CALL  # one call's candidates at a time, whole-shaped
+    ref = PerExampleSquaredGrads(model, candidates).attach()  # unsharded: whole-shaped sums
+    _one_backward(model, ref)
+    assert all(bool(s.ne(0).any()) for s in ref.sums.values())
+    for n in shapes:
+        torch.testing.assert_close(shards[n], ref.sums[n][: rows[n]], rtol=1e-6, atol=0)
+
+
+def test_the_7b_doc_has_the_scripts_fsdp2_figures():
+    """LLaMA-2-7B + LoRA r=16 on the meta device: under FSDP2 the per-example warmup per rank (Fisher shard +
+    one call's buffer: the largest LoRA matrix, 16 x 11,008 entries) is below the rank's AdamW shard, and
+    docs/memory_7b.md states exactly the script's FSDP2 rows and verdicts."""
+    shapes = memory_table.candidate_shapes(memory_table.build_meta_lora_llama(memory_table.LLAMA2_7B, r=16))
+    mem = memory_table.fish_memory(shapes)
+    n = mem.candidates
+    assert mem.call_buffer_fp32 == 4 * 16 * 11008 == 4 * max(memory_table.module_calls(shapes).values())
+    for w in (2, 8):  # every dim 0 (16, 4,096 or 11,008) divides by 2 and 8: shards are n / w
+        d = mem.fsdp2[w]
+        assert (d["fisher"], d["adamw"]) == (4 * n // w, 8 * n // w)
+        assert d["warmup"] == d["fisher"] + mem.call_buffer_fp32 < d["adamw"]
+    page, doc = memory_table.render(mem, "7b", "cmd", None, None), DOC.read_text()
+    lines = [ln for ln in page.splitlines() if "FSDP2 on" in ln or ln.startswith(("| 2 |", "| 8 |"))]
+    assert len(lines) == 4 and all("**yes**" in ln or ": yes.**" in ln for ln in lines), lines
+    missing = [ln for ln in lines if ln not in doc.splitlines()]
+    assert not missing, f"docs/memory_7b.md is stale (scripts/memory_table.py --out docs/memory_7b.md): {missing}"
 
 
 @pytest.mark.parametrize("sparse_state", [False, True])
