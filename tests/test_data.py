@@ -108,3 +108,38 @@ def test_group_by_length_batches_similar_lengths_and_covers_every_example_once()
     )  # seeded: the same batches again
     with pytest.raises(DataError, match="group_by_length='yes'"):
         TextClassificationData("sst2", group_by_length="yes")
+
+
+def _sst2_dir(tmp_path, n: int = 20) -> str:
+    d = tmp_path / "glue" / "SST-2"
+    d.mkdir(parents=True)
+    rows = [f"sentence number {i} {'good' if i % 2 else 'bad'}\t{i % 2}" for i in range(n)]
+    (d / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    (d / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(f"dev {i}\t{i % 2}" for i in range(4)) + "\n")
+    return str(tmp_path / "glue")
+
+
+def test_holdout_validates_on_held_out_training_rows(tmp_path):
+    path = _sst2_dir(tmp_path)
+
+    def ids(split: list) -> set:
+        return {tuple(x["input_ids"].tolist()) for x in split}
+
+    dm = TextClassificationData("sst2", path=path, holdout=5, subsample_seed=3, cache_dir=str(tmp_path / "cache"))
+    dm.setup()
+    train, held = ids(dm.splits["train"]), ids(dm.splits["dev"])
+    assert len(held) == 5 and len(train) == 15 and not train & held
+    plain = TextClassificationData("sst2", path=path)
+    plain.setup()
+    assert train | held == ids(plain.splits["train"]) and not held & ids(plain.splits["dev"])
+    again = TextClassificationData("sst2", path=path, holdout=5, subsample_seed=3)  # same seed: same rows held out
+    again.setup()
+    assert ids(again.splits["dev"]) == held
+    sub = TextClassificationData("sst2", path=path, holdout=5, subsample_seed=3, train_samples=6)
+    sub.setup()
+    assert len(sub.splits["train"]) == 6 and not ids(sub.splits["train"]) & held
+    with pytest.raises(DataError, match=r"holdout=20 leaves no training rows: the train split has 20"):
+        TextClassificationData("sst2", path=path, holdout=20).setup()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(DataError, match=r"holdout=.* must be null \(validate on dev\) or a number"):
+            TextClassificationData("sst2", path=path, holdout=bad)

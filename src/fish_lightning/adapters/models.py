@@ -70,22 +70,31 @@ def build_sequence_classifier(
     num_labels: int = 2,
     tiny_config: dict[str, Any] | None = None,
     seed: int = 0,
+    pooling: str = "cls",
 ) -> nn.Module:
     """An ``AutoModelForSequenceClassification``: pretrained from ``name_or_path``, or randomly
     initialised from a small ``BertConfig(**tiny_config)`` (for tests) when ``tiny_config`` is given.
-    ``num_labels=1`` makes a regression head (STS-B)."""
+    ``num_labels=1`` makes a regression head (STS-B). ``pooling``: ``"cls"`` (the model's own head input, for
+    BERT a dense + tanh pooler on the first token) or ``"mean"`` (the masked token mean, what sentence-transformers
+    checkpoints such as MiniLM were trained for; :func:`~fish_lightning.adapters.pooling.use_mean_pooling`)."""
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
+    from fish_lightning.adapters.pooling import POOLINGS, use_mean_pooling
+
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} is not supported: expected one of {POOLINGS}")
     problem = "regression" if num_labels == 1 else "single_label_classification"
     if tiny_config is not None:
         torch.manual_seed(seed)
         cfg = BertConfig(num_labels=num_labels, problem_type=problem, **tiny_config)
-        return BertForSequenceClassification(cfg)
-    if not name_or_path:
+        model = BertForSequenceClassification(cfg)
+    elif not name_or_path:
         raise ValueError("build_sequence_classifier needs name_or_path or tiny_config")
-    return AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(name_or_path), num_labels=num_labels, problem_type=problem
-    )
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(name_or_path), num_labels=num_labels, problem_type=problem
+        )
+    return use_mean_pooling(model) if pooling == "mean" else model
 
 
 def apply_peft(model: nn.Module, method: str = "lora", **config: Any) -> nn.Module:

@@ -209,6 +209,9 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
         subsample_seed: seed of those subsamples (``None``: ``seed``, which also shuffles batches);
             fix it to compare training seeds on the same examples.
         cache_dir: where tokenised splits are cached (``None`` = no cache).
+        holdout: hold this many training rows out (drawn with ``subsample_seed``) and validate on them instead
+            of the dev split, e.g. to choose a learning rate without looking at the split that is reported;
+            ``train_samples`` then subsamples the remaining rows. ``None``: validate on dev.
         group_by_length: draw training batches of similar lengths (``transformers``' ``LengthGroupedSampler``:
             random mega-batches of ~50 batches, sorted by length inside), so less padding is computed;
             ``False``: plain shuffling. Under DDP Lightning replaces the sampler with a distributed one.
@@ -232,6 +235,7 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
         num_workers: int = 0,
         subsample_seed: int | None = None,
         group_by_length: bool = False,
+        holdout: int | None = None,
     ) -> None:
         super().__init__()
         self.spec = get_task(task)
@@ -251,6 +255,9 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
         if not isinstance(group_by_length, bool):
             raise DataError(f"group_by_length={group_by_length!r} must be true or false")
         self.group_by_length = group_by_length
+        if holdout is not None and (isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 1):
+            raise DataError(f"holdout={holdout!r} must be null (validate on dev) or a number of training rows >= 1")
+        self.holdout = holdout
         self.order = ResumableOrder(seed)
         self.splits: dict[str, list[dict[str, Any]]] = {}
         if path is not None and self.spec.name != "tweets":
@@ -274,12 +281,24 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
         st = file.stat()
         return read_tsv(self.spec, file), f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
+    def _split_rows(self, split: str) -> tuple[list[tuple[tuple[str, ...], Any]], str]:
+        """Rows of ``split`` (``"train"``, ``"dev"``, or with ``holdout``: ``"train"`` = train minus the held-out
+        rows, ``"holdout"`` = those rows) and a string naming their source (for the cache key)."""
+        if self.holdout is None or split == "dev":
+            return self._rows(split)
+        rows, source = self._rows("train")
+        if self.holdout >= len(rows):
+            raise DataError(f"holdout={self.holdout} leaves no training rows: the train split has {len(rows)}")
+        held = set(random.Random(self.subsample_seed).sample(range(len(rows)), self.holdout))
+        keep = [r for i, r in enumerate(rows) if (i in held) == (split == "holdout")]
+        return keep, f"{source}:holdout{self.holdout}"
+
     def _tokenized(self, split: str, n: int | None) -> list[dict[str, Any]]:
         from transformers import AutoTokenizer
 
         from fish_lightning.adapters.models import resolve_model_path
 
-        rows, source = self._rows(split)
+        rows, source = self._split_rows(split)
         rows = subsample(rows, n, self.subsample_seed)
         key = json.dumps([source, split, n, self.subsample_seed, self.tokenizer_name, self.max_length, 1])
         cache = None
@@ -310,7 +329,10 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
         if not self.splits:
             self.splits = {
                 "train": self._tokenized("train", self.train_samples),
-                "dev": self._tokenized("dev", self.val_samples),
+                # the validation split, named "dev" throughout: dev itself, or the held-out training rows
+                "dev": self._tokenized("dev", self.val_samples)
+                if self.holdout is None
+                else self._tokenized("holdout", self.val_samples),
             }
 
     def train_dataloader(self) -> DataLoader:
