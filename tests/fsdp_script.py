@@ -43,6 +43,12 @@ class Record(pl.Callback):
 
     def __init__(self, fish: FisherMaskCallback, out: str, tag: str) -> None:
         self.fish, self.out, self.tag, self.at_freeze = fish, out, tag, None
+        self.hook_sum_shapes: dict[str, tuple[int, ...]] = {}  # what the per-example hooks accumulate into
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        hooks = getattr(self.fish.warmup, "hooks", None)
+        if hooks is not None and not self.hook_sum_shapes:
+            self.hook_sum_shapes = {n: tuple(t.shape) for n, t in hooks.sums.items()}
 
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.fish.mask_epoch:
@@ -58,6 +64,7 @@ class Record(pl.Callback):
             "masks": {n: whole(m, n) for n, m in fish.masks.items()},
             "fisher": {n: whole(f, n) for n, f in (fish.fisher or {}).items()},
             "local_shapes": {n: tuple(m.shape) for n, m in fish.masks.items()},
+            "hook_sum_shapes": self.hook_sum_shapes,
             "sharded": sorted(fish.sharded),
             "kept": fish.num_kept,
             "verify": fish.verify(pl_module),

@@ -36,6 +36,8 @@ def test_fsdp2_masks_equal_ddp_and_frozen_entries_stay(tmp_path, estimator, sele
     assert sum(int(m.sum()) for m in r0["masks"].values()) == k  # exactly k over the gathered shards
     some = r0["sharded"][0]
     assert r0["local_shapes"][some][0] < r0["masks"][some].shape[0]  # each rank held part of the rows
+    if estimator == "per_example":  # per module call reduce-scattered into the shards: no whole-shaped sums
+        assert r0["hook_sum_shapes"] == r0["local_shapes"]
     for n, m in r0["masks"].items():
         assert torch.equal(m, r1["masks"][n]), n  # the same whole mask seen from both ranks
         assert torch.equal(m, ddp[0]["masks"][n]), n  # and the one DDP selects

@@ -320,3 +320,39 @@ def test_a_failing_replay_is_missed_and_redone_by_the_loop():
     assert hooks.missed == {"pair.w"}  # unseen: its output was not a tensor
     got, _ = per_example_fisher_hooks(loss_fn, {"input_ids": x}, net, params)
     assert max(rel_errs(got, ref).values()) < TOL
+
+
+def test_scatter_reduces_each_module_call_into_shard_shaped_accumulators():
+    """FSDP2's path without processes: ``attach(into=shards, scatter=...)`` hands every module call's
+    whole-shaped sum (tied weights: the batch's, after the backward) to the scatter function at once and
+    adds its part; the shard accumulators then equal the rows of the unsharded sums, and no whole-shaped
+    buffer is kept between calls."""
+    model = build_causal_lm(tiny_config={**CONFIGS["gpt2"], "tie_word_embeddings": True}).eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    batch, loss_fn = lm_batch(), lm_loss(model)
+    ref = run_hooks(model, loss_fn, batch, params).sums
+    rows = {n: slice(0, max(1, p.shape[0] // 2)) for n, p in params.items()}  # "this rank's" first rows
+    calls: dict[str, int] = {}
+
+    def part(name):
+        def scatter(whole):
+            assert whole.shape == params[name].shape  # whole-shaped in, own rows out
+            calls[name] = calls.get(name, 0) + 1
+            return whole[rows[name]]
+
+        return scatter
+
+    shards = {n: torch.zeros_like(p[rows[n]], dtype=torch.float32) for n, p in params.items()}
+    hooks = PerExampleSquaredGrads(model, params).attach(into=shards, scatter={n: part(n) for n in params})
+    hooks.start_batch(batch["input_ids"].shape[0])
+    loss = loss_fn(batch).sum()
+    torch.autograd.grad(loss, list(params.values()))
+    tied = set(hooks._pending)
+    hooks.finish_batch()
+    hooks.detach()
+    assert tied and all(calls[n] == 1 for n in tied)  # the tied embedding: once, the sum over its calls
+    assert set(calls) == set(params) and hooks.missed == set()
+    for n in params:
+        torch.testing.assert_close(shards[n], ref[n][rows[n]], rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match=r"scatter needs into="):
+        PerExampleSquaredGrads(model, params).attach(scatter={n: part(n) for n in params})

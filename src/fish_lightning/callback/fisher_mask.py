@@ -19,7 +19,6 @@ Lifecycle, in optimizer steps:
    trained model differs from its initialisation only in the kept entries (sparse export).
 """
 
-
 from __future__ import annotations
 
 import weakref
@@ -290,7 +289,7 @@ class FisherMaskCallback(Callback):
         if s.mask_epoch is None and s.warmup_steps == 0:  # calibration or mask_path: the mask before any step
             self._freeze(trainer, pl_module)
             return
-        self.warmup.attach(pl_module)  # type: ignore[union-attr]
+        self.warmup.attach(pl_module, trainer)  # type: ignore[union-attr]
         warn_short_warmup(s, trainer)
 
     # ------------------------------------------------------------------ per batch: dispatch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -70,15 +71,18 @@ class WarmupFisher:
         return self.steps_done < self.settings.warmup_steps
 
     # ------------------------------------------------------------------ hooks
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, trainer: Any = None) -> None:
         """Capture per-example gradients from the training backward (``fisher_estimator="per_example"``)."""
         if not (self.settings.accumulates_warmup and self.estimator == "per_example" and self.active):
             return
         hooks = PerExampleSquaredGrads(model, self.params)
         if hooks.uncovered:
             self.fall_back(f"no per-example rule for {hooks.uncovered[:3]}")
-        else:  # squares straight into the Fisher (one fp32 buffer); sharded: whole-shaped step sums
-            self.hooks = hooks.attach(into=None if self.sharded else self.fisher)
+        else:  # squares straight into the Fisher (one fp32 buffer); a sharded candidate's whole-shaped sum of
+            # one module call is reduce-scattered at once into its shard (no whole-shaped buffer per step)
+            scatter = {n: partial(distributed.reduce_scatter_mean, trainer, param=self.params[n])
+                       for n in self.params if n in self.sharded}  # fmt: skip
+            self.hooks = hooks.attach(into=self.fisher, scatter=scatter)
             general = list(getattr(hooks, "fallback_modules", []))
             if general:
                 rank_zero_info(
@@ -157,12 +161,7 @@ class WarmupFisher:
             self._skip_nonfinite(trainer, hooks, bad)
             self.pause()
             return
-        if hooks is not None:
-            if not hooks.direct:  # (in the candidates' order: the collectives match across ranks)
-                for n, acc in hooks.sums.items():
-                    if n in self.sharded:  # whole-shaped sums of this rank's examples -> rank mean, own rows
-                        acc = distributed.reduce_scatter_mean(trainer, acc, self.params[n])
-                    self.fisher[n].add_(acc)  # type: ignore[index]
+        if hooks is not None:  # (its squares are in the Fisher already: attach(into=...))
             hooks.reset()
         elif self.fisher is not None:
             accumulate_squared_grads(self.fisher, self.params, inverse_loss_scale(trainer, optimizer))

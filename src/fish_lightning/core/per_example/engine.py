@@ -20,7 +20,7 @@ activation through the forward that checkpointing would have freed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -110,6 +110,7 @@ class PerExampleSquaredGrads:
         self.failures: dict[str, str] = {}  # module name -> why its rule failed at run time
         self.sums: dict[str, Tensor] = {}
         self.direct = False  # sums are the caller's accumulators (attach(into=...)): reset() keeps them
+        self._scatter: dict[str, Callable[[Tensor], Tensor]] = {}  # sharded: whole-shaped call sum -> own part
         self._params = {n: p for n, p in params.items() if n in covered}  # params' order: same on every rank
         self._names = {id(m): n for n, m in model.named_modules()}
         self._handles: list[Any] = []
@@ -126,11 +127,22 @@ class PerExampleSquaredGrads:
         return list(self._params)
 
     # ------------------------------------------------------------------ lifecycle
-    def attach(self, into: Mapping[str, Tensor] | None = None) -> PerExampleSquaredGrads:
+    def attach(
+        self, into: Mapping[str, Tensor] | None = None, scatter: Mapping[str, Callable[[Tensor], Tensor]] | None = None
+    ) -> PerExampleSquaredGrads:
         """Register the hooks (idempotent). The squares go into ``into`` (the caller's fp32 accumulators,
         shaped like the parameters: no second buffer) or, without it, into fp32 zero sums made here
         (whole-shaped, also for sharded parameters: the modules run on gathered weights) that
-        :meth:`reset` clears."""
+        :meth:`reset` clears.
+
+        ``scatter`` (with ``into``): name -> a function from a whole-shaped tensor to this rank's part of it
+        (e.g. a reduce-scatter over ranks) for sharded parameters, whose ``into`` entries are shard-shaped:
+        each module call's whole-shaped contribution is made, handed to it and added at once, so no
+        whole-shaped buffer outlives the call. The function runs inside the backward, in the same order
+        on every rank as long as every rank runs the same modules (as FSDP's own reduce-scatters do)."""
+        if scatter and into is None:
+            raise ValueError("PerExampleSquaredGrads.attach: scatter needs into= (the shard-shaped accumulators)")
+        self._scatter = {n: f for n, f in (scatter or {}).items() if n in self._params}
         if into is not None:
             self.sums, self.direct = {n: into[n] for n in self._params}, True
         elif not self.sums:
@@ -153,8 +165,12 @@ class PerExampleSquaredGrads:
 
     def finish_batch(self) -> None:
         """Call after the backward: squares the buffered gradients of multi-call modules."""
-        for name, g in self._pending.items():
-            self.sums[name].view(-1).add_(g.square().sum(0), alpha=self.factor)
+        for name, g in self._pending.items():  # (arrival order: the same on every rank)
+            if name in self._scatter:
+                whole = g.square().sum(0).mul_(self.factor).view(self._params[name].shape)
+                self.sums[name].add_(self._scatter[name](whole))
+            else:
+                self.sums[name].view(-1).add_(g.square().sum(0), alpha=self.factor)
         self._pending = {}
 
     def unseen(self, grads: Mapping[str, Tensor | None]) -> list[str]:
@@ -223,6 +239,7 @@ class PerExampleSquaredGrads:
     def _on_grad(self, module: nn.Module, saved: Any, g: Tensor) -> None:
         rule, owned = self._owned[id(module)]
         multi = {a: self._calls.get(n, 1) > 1 for a, n in owned.items()}
+        whole: dict[str, Tensor] = {}  # sharded parameters: this call's whole-shaped sum, scattered below
         try:
             parts: dict[str, list[Tensor]] = {}
             for chunk in rule.grads(module, saved, g, list(owned), any(multi.values())):
@@ -230,18 +247,25 @@ class PerExampleSquaredGrads:
                     name = owned[attr]
                     if multi[attr]:
                         parts.setdefault(attr, []).append(val.float().reshape(val.shape[0], -1))
-                    elif callable(val):
-                        val(self.sums[name], self.factor)
+                        continue
+                    if name in self._scatter:
+                        if name not in whole:
+                            whole[name] = torch.zeros(self._params[name].shape, dtype=torch.float32, device=g.device)
+                        target = whole[name]
                     else:
-                        self.sums[name].view(-1).add_(
-                            val.float().reshape(val.shape[0], -1).square().sum(0), alpha=self.factor
-                        )
+                        target = self.sums[name]
+                    if callable(val):
+                        val(target, self.factor)
+                    else:
+                        target.view(-1).add_(val.float().reshape(val.shape[0], -1).square().sum(0), alpha=self.factor)
         except Exception as err:  # noqa: BLE001 - any failure of a rule: per-example values of this call are lost
             mname = self._names.get(id(module), type(module).__name__)
             self.failures[mname] = f"{type(err).__name__}: {err}"
             log.warning("FISH per-example Fisher: the %s rule failed on %s (%s)", type(rule).__name__, mname, err)
             self.missed.update(owned.values())
             return
+        for name, buf in whole.items():
+            self.sums[name].add_(self._scatter[name](buf))
         for attr, chunks in parts.items():
             name, per_example = owned[attr], torch.cat(chunks)
             pending = self._pending.get(name)
