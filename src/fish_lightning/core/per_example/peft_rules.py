@@ -13,6 +13,8 @@ training mode (module/rank dropout, VeRA dropout) cannot be reproduced and are m
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -129,11 +131,14 @@ class _DeltaWeightRule(Rule):
 
     factors: tuple[str, ...] = ()
 
+    @abstractmethod
     def adapters(self, module: nn.Module) -> list[str]:
-        raise NotImplementedError
+        """Names of the module's adapters that have this rule's factors."""
 
+    @abstractmethod
     def factor_grads(self, module: nn.Module, adapter: str, G: Tensor) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """``{factor: per-example gradient}`` from the per-example gradients ``G`` of the adapter's delta
+        weight (``[b, out, in]``; linear in ``G``)."""
 
     def claim(self, module):
         claim = {}

@@ -17,6 +17,7 @@ A module no rule claims falls to the general ``torch.func`` rule (:mod:`.fallbac
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,7 +35,7 @@ SKIP = object()
 PerExample = Tensor | Callable[[Tensor, float], None]
 
 
-class Rule:
+class Rule(ABC):
     """Per-example gradients of one module type's own parameters.
 
     ``broadcast``: the rule accepts a call whose output has leading dim 1 while the batch has more
@@ -44,22 +45,22 @@ class Rule:
 
     broadcast = False
 
+    @abstractmethod
     def claim(self, module: nn.Module) -> dict[str, Tensor] | None:
         """``{attribute path: parameter}`` the rule computes for ``module`` (paths as in
         ``module.named_parameters()``), or ``None`` if it does not apply to this instance."""
-        raise NotImplementedError
 
+    @abstractmethod
     def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor, batch: int) -> Any:
         """At the forward: what :meth:`grads` needs (detached), ``None`` if this call's per-example
         gradients cannot be had (marked missed if a gradient arrives), or :data:`SKIP`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def grads(
         self, module: nn.Module, saved: Any, g: Tensor, attrs: list[str], dense: bool
     ) -> Iterator[dict[str, PerExample]]:
         """At the backward (``g``: the output gradient, ``[B, ...]``): yields ``{attr: per-example
         gradients}`` for ``attrs``, batch chunk by batch chunk (see :func:`batch_chunks`)."""
-        raise NotImplementedError
 
 
 _RULES: list[tuple[Callable[[nn.Module], bool], Rule]] = []
