@@ -52,6 +52,23 @@ from fish_lightning.core.fisher import zeros_like_params
 from fish_lightning.core.selection import num_kept, select_masks, selection_scores
 
 
+class _Count:
+    """A read-only counter of the callback: ``<phase>.<attr>`` while that phase object exists, else the value
+    under ``key`` of a checkpoint loaded outside fit (``default`` when neither)."""
+
+    def __init__(self, phase: str, attr: str, key: str, default: int | None, doc: str) -> None:
+        self.phase, self.attr, self.key, self.default, self.__doc__ = phase, attr, key, default, doc
+
+    def __get__(self, cb: Any, owner: type | None = None) -> Any:
+        if cb is None:
+            return self
+        obj = getattr(cb, self.phase)
+        if obj is not None:
+            return getattr(obj, self.attr)
+        value = cb._pending(self.key, self.default)
+        return value if value is None else int(value)
+
+
 class FisherMaskCallback(Callback):
     """Train only the top-Fisher fraction of a model's (PEFT) parameters.
 
@@ -176,30 +193,19 @@ class FisherMaskCallback(Callback):
             return sum(int(m.sum()) for m in self._given_masks.values())
         return num_kept(self.num_candidates, self.sparsity)
 
-    @property
-    def freeze_step(self) -> int | None:
-        """Global step at which the mask was (last) selected; ``None`` before the freeze."""
-        return self.mask.freeze_step if self.mask is not None else self._pending("frozen_at_step", None)
-
-    @property
-    def warmup_steps_done(self) -> int:
-        """Optimizer steps whose gradients are in the warmup Fisher (non-finite ones excluded)."""
-        return self.warmup.steps_done if self.warmup is not None else int(self._pending("warmup_done", 0))
-
-    @property
-    def skipped_nonfinite_steps(self) -> int:
-        """Warmup steps left out of the Fisher for a non-finite gradient."""
-        return self.warmup.skipped_nonfinite if self.warmup is not None else int(self._pending("skipped_nonfinite", 0))
+    freeze_step = _Count("mask", "freeze_step", "frozen_at_step", None,
+                         "Global step at which the mask was (last) selected; ``None`` before the freeze.")  # fmt: skip
+    warmup_steps_done = _Count("warmup", "steps_done", "warmup_done", 0,
+                               "Optimizer steps in the warmup Fisher (non-finite ones excluded).")  # fmt: skip
+    skipped_nonfinite_steps = _Count("warmup", "skipped_nonfinite", "skipped_nonfinite", 0,
+                                     "Warmup steps left out of the Fisher for a non-finite gradient.")  # fmt: skip
+    reselections = _Count("mask", "reselections", "reselections", 0,
+                          "Re-selections since the freeze (``reselect_every_n_steps``).")  # fmt: skip
 
     @property
     def calibration_examples(self) -> int:
         """Examples in the calibration Fisher (``calibration_samples``)."""
         return self._calibration_examples or int(self._pending("fisher_examples", 0))
-
-    @property
-    def reselections(self) -> int:
-        """Re-selections since the freeze (``reselect_every_n_steps``)."""
-        return self.mask.reselections if self.mask is not None else int(self._pending("reselections", 0))
 
     @property
     def sharded(self) -> frozenset[str]:
