@@ -67,10 +67,12 @@ def test_nothing_outside_the_app_imports_the_app():
     assert not bad, bad
 
 
-def test_report_needs_no_torch():
-    names = imports(PKG / "app" / "report.py")
+@pytest.mark.parametrize("path", sorted((PKG / "app").glob("report*.py")), ids=lambda p: p.name)
+def test_report_needs_no_torch(path):
+    names = imports(path)
     assert not [n for n in names if n.split(".")[0] in ("torch", "lightning", *FRAMEWORKS)], names
-    assert not [n for n in names if n.startswith("fish_lightning.") and n != "fish_lightning.app"], names
+    own = [n for n in names if n.startswith("fish_lightning.")]
+    assert not [n for n in own if n != "fish_lightning.app" and not n.startswith("fish_lightning.app.report")], names
 
 
 def test_old_module_paths_still_import_with_a_warning():
