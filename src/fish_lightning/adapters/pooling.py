@@ -9,12 +9,28 @@ classifier on it sees a near-degenerate projection of an untrained token unless 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("auto", "cls", "mean")
+
+
+def checkpoint_pooling(path: str) -> str:
+    """``"mean"`` when ``path`` is a local sentence-transformers checkpoint that pools by the token mean
+    (``modules.json`` naming a ``Pooling`` module whose ``config.json`` has ``pooling_mode_mean_tokens``),
+    else ``"cls"`` (also for hub ids, which are not looked up)."""
+    root = Path(path)
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+        folder = next(m["path"] for m in modules if str(m.get("type", "")).endswith(".Pooling"))
+        config = json.loads((root / folder / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, KeyError, TypeError):
+        return "cls"
+    return "mean" if config.get("pooling_mode_mean_tokens") else "cls"
 
 
 class MeanPooler(nn.Module):
@@ -36,16 +52,22 @@ class MeanPooler(nn.Module):
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
+def has_pooler(model: nn.Module) -> bool:
+    """Whether ``model``'s classification head reads its encoder's pooler (BERT-style)."""
+    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return encoder is not None and getattr(encoder, "pooler", None) is not None
+
+
 def use_mean_pooling(model: nn.Module) -> nn.Module:
     """Replace the encoder's pooler of ``model`` (a ``*ForSequenceClassification`` whose head reads
     ``encoder.pooler``, e.g. BERT's) by a :class:`MeanPooler`; returns ``model``. The pooler's dense weights
     are dropped, so the head sees the checkpoint's own sentence embedding."""
-    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if encoder is None or getattr(encoder, "pooler", None) is None:
+    if not has_pooler(model):
         raise ValueError(
             f"pooling='mean' needs a classifier whose head reads the encoder's pooler (BERT-style); "
             f"{type(model).__name__} has none: use pooling='cls'"
         )
+    encoder = getattr(model, model.base_model_prefix)
     pooler = MeanPooler()
     encoder.pooler = pooler
 
