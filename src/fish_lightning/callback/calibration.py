@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,7 +16,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from fish_lightning.core.fisher import batch_size, per_example_fisher_hooks, slice_batch, zeros_like_params
+from fish_lightning.core.fisher import (
+    batch_size,
+    per_example_fisher_hooks,
+    probe_batch_dim,
+    slice_batch,
+    zeros_like_params,
+)
 
 
 def calibrate_fisher(
@@ -31,12 +38,20 @@ def calibrate_fisher(
         raise RuntimeError("FISH calibration needs the train dataloader, but the trainer has none")
     fisher = zeros_like_params(params)
     loss_fn = per_example_loss_fn(pl_module, loss_reduction)
-    seen = 0
+    seen, loop = 0, None
     with eval_mode(pl_module), torch.enable_grad():
         for batch in loader:
             batch = trainer.strategy.batch_to_device(batch)
             take = min(batch_size(batch), n_samples - seen)
-            fisher, n = per_example_fisher_hooks(loss_fn, slice_batch(batch, 0, take), pl_module, params, fisher)
+            if loop is None and take >= 2:  # once: modules whose outputs are not batch-first get the exact loop
+                flagged = probe_batch_dim(loss_fn, slice_batch(batch, 0, take), pl_module, params)
+                loop = set(flagged)
+                if flagged:
+                    rank_zero_warn(f"FISH calibration: {sorted({v[0] for v in flagged.values()})[:4]} do not carry "
+                                   "the examples on dim 0 of their outputs (sequence-first?): their parameters "
+                                   "are scored with the exact batch-size-1 loop")  # fmt: skip
+            fisher, n = per_example_fisher_hooks(loss_fn, slice_batch(batch, 0, take), pl_module, params, fisher,
+                                                 loop or ())  # fmt: skip
             seen += n
             if seen >= n_samples:
                 break
@@ -49,7 +64,7 @@ def per_example_loss_fn(pl_module: pl.LightningModule, loss_reduction: str = "me
     """``batch -> losses``: the module's ``fisher_loss``, else ``training_step`` (logging muted), whose
     loss is a mean over the batch (``loss_reduction="mean"``) or a sum (``"sum"``)."""
     if callable(getattr(pl_module, "fisher_loss", None)):
-        return pl_module.fisher_loss
+        return partial(per_example_losses, pl_module)
 
     def loss_fn(batch: Any) -> Tensor:
         with muted_logging(pl_module):
@@ -63,6 +78,19 @@ def per_example_loss_fn(pl_module: pl.LightningModule, loss_reduction: str = "me
         return loss * batch_size(batch) if loss_reduction == "mean" else loss  # -> the sum of per-example losses
 
     return loss_fn
+
+
+def per_example_losses(pl_module: pl.LightningModule, batch: Any) -> Tensor:
+    """``pl_module.fisher_loss(batch)``, checked to be one loss per example (shape ``[b]``)."""
+    losses = pl_module.fisher_loss(batch)
+    n = batch_size(batch)
+    if not isinstance(losses, Tensor) or tuple(losses.shape) != (n,):
+        shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"{type(pl_module).__name__}.fisher_loss(batch) returned shape {shape} for a batch of {n} examples: "
+            f"it must return one loss per example, shape [{n}] (no reduction over the batch)"
+        )
+    return losses
 
 
 @contextlib.contextmanager

@@ -15,18 +15,45 @@ from fish_lightning.callback.frozen import FrozenMask
 from fish_lightning.core.masking import pack_mask, unpack_mask
 from fish_lightning.core.sharding import local_rows
 
-#: settings a resumed run must share with the checkpoint (they decide which entries are kept)
-CHECKED_SETTINGS = ("sparsity", "selection", "scope", "seed")
+#: settings a resumed run must share with the checkpoint: they decide the candidates and which entries are kept
+CHECKED_SETTINGS = ("sparsity", "selection", "scope", "seed", "include", "exclude")
+#: checkpoint key -> setting: the warmup's estimator as configured (``fisher_estimator`` holds the one in use)
+RENAMED = {"fisher_estimator_setting": "fisher_estimator"}
+
+
+def settings_state(settings: Any) -> dict[str, Any]:
+    """The settings a checkpoint records for :func:`check_settings`."""
+    state = {k: _plain(k, getattr(settings, k)) for k in CHECKED_SETTINGS}
+    state.update({key: getattr(settings, name) for key, name in RENAMED.items()})
+    state["sparse_optimizer_state"] = settings.sparse_optimizer_state
+    return state
 
 
 def check_settings(state: dict[str, Any], settings: Any) -> None:
-    """Refuse a checkpoint written with other selection settings than ``settings``."""
-    for key in CHECKED_SETTINGS:
-        if key in state and state[key] != getattr(settings, key):
+    """Refuse a checkpoint written with other settings than ``settings`` where they matter: the candidates
+    (``include``/``exclude``), the selection, the warmup estimator, and, after the freeze, the optimizer state's
+    layout (``sparse_optimizer_state``: compact vs dense). Keys a checkpoint lacks (older versions) are not
+    checked."""
+    checked = {k: k for k in CHECKED_SETTINGS} | RENAMED
+    if state.get("masks") is not None:
+        checked["sparse_optimizer_state"] = "sparse_optimizer_state"
+    for key, name in checked.items():
+        if key in state and _plain(name, state[key]) != _plain(name, getattr(settings, name)):
+            why = ""
+            if name == "sparse_optimizer_state":
+                layout = "compact" if state[key] else "dense"
+                why = f" (the checkpoint's optimizer state is {layout}; it cannot be loaded into the other layout)"
             raise ValueError(
-                f"checkpoint was written with FisherMaskCallback({key}={state[key]!r}), this callback has "
-                f"{key}={getattr(settings, key)!r}: resume with the same settings (or start a new run)"
+                f"checkpoint was written with FisherMaskCallback({name}={state[key]!r}), this callback has "
+                f"{name}={getattr(settings, name)!r}{why}: resume with the same settings (or start a new run)"
             )
+
+
+def _plain(name: str, value: Any) -> Any:
+    """``include``/``exclude`` as a list of patterns (a string is one pattern); other values unchanged."""
+    if name in ("include", "exclude") and value is not None:
+        return [value] if isinstance(value, str) else list(value)
+    return value
 
 
 def pack_masks(masks: dict[str, Tensor], params: dict[str, Any], sharded: set[str]) -> dict[str, Tensor]:

@@ -46,6 +46,10 @@ class MaskEnforcer:
         self.guards: list[FrozenEntryGuard] = []
         self.compact: list[CompactOptimizer] = []
         self._optimizers: list[Optimizer] = []
+        self._layouts: list[tuple] = []  # each optimizer's param groups (parameter ids) as installed
+        self._params: Mapping[str, nn.Parameter] = {}
+        self._handles: list = []  # load_state_dict pre-hooks (sparse)
+        self._view: Mapping[str, Tensor] = {}  # sparse: the masks, rebuilt from the compact optimizers' indices
 
     @property
     def installed(self) -> bool:
@@ -63,17 +67,61 @@ class MaskEnforcer:
         """Enforce ``masks`` on ``optimizers`` (replacing what was installed before)."""
         self.remove()
         by_param = {params[n]: m for n, m in masks.items()}
-        self._optimizers = list(optimizers)
+        self._optimizers, self._params = list(optimizers), params
         if self.sparse:
             self.compact = [CompactOptimizer(opt, by_param) for opt in optimizers]
+            self._view = self.mask_view(params, masks)
+            self._layouts = [layout(opt) for opt in optimizers]
+            self._handles = [opt.register_load_state_dict_pre_hook(self._before_state_load) for opt in optimizers]
             return
         self.guards = [FrozenEntryGuard(opt, by_param, snapshot_in_pre_hook=False) for opt in optimizers]
+        self._layouts = [layout(opt) for opt in optimizers]
         covered = sum(g.num_guarded for g in self.guards)
         partial = sum(1 for m in masks.values() if not bool(m.all()))
         if covered < partial:
             rank_zero_warn(
                 f"FISH: {partial - covered} masked tensors are in no optimizer of this trainer; they are not guarded"
             )
+
+    def intact(self) -> bool:
+        """The optimizers' param groups still hold exactly the parameters they held when the mask was installed
+        (another callback, e.g. ``BaseFinetuning``, may rebuild them). Cheap: parameter ids only."""
+        return all(layout(opt) == lay for opt, lay in zip(self._optimizers, self._layouts))
+
+    def repair(self, masks: Mapping[str, Tensor]) -> None:
+        """Re-enforce ``masks`` after the param groups were rebuilt. Dense: the guards follow the new groups.
+        Compact: only before the optimizer state is loaded (a resume; see :meth:`_before_state_load`): during
+        training the compact tensors' state would be lost, so it is refused."""
+        if self.sparse:
+            raise RuntimeError(
+                "FISH: the optimizer's param groups were rebuilt during training (another callback or the "
+                "LightningModule replaced its parameters) after sparse_optimizer_state compacted them; the kept "
+                "entries' optimizer state would be lost. Use sparse_optimizer_state=False with such a callback"
+            )
+        self.install(self._optimizers, self._params, masks)
+
+    def _before_state_load(self, optimizer: Optimizer, state_dict: dict) -> None:
+        """A resume: another callback's ``on_fit_start`` (``BaseFinetuning``) may have put the dense parameters
+        back into the groups after the compact ones were installed; compact them again before the checkpoint's
+        (compact) state is loaded into them by position."""
+        if self.compact and not self.intact():
+            masks = {n: m.clone() for n, m in self._view.items()}
+            optimizers, params = self._optimizers, self._params
+            self.remove()
+            self.install(optimizers, params, masks)
+
+    def untrained(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> list[str]:
+        """Names with kept entries that no installed optimizer trains (their parameter, or its compact tensor,
+        is in none of the param groups)."""
+        if not self.installed:
+            return []
+        held = {id(p) for opt in self._optimizers for g in opt.param_groups for p in g["params"]}
+        for comp in self.compact:  # a compacted parameter trains through its compact tensor only
+            for p, c in comp.compacted:
+                held.discard(id(p))
+                if id(c) in held:
+                    held.add(id(p))
+        return [n for n, m in masks.items() if id(params[n]) not in held and bool(m.any())]
 
     def mask_view(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         """With compact optimizers: ``masks`` as a read-only view that rebuilds each bool mask from the compact
@@ -127,4 +175,11 @@ class MaskEnforcer:
             g.remove()
         for c in self.compact:
             c.remove()
-        self.guards, self.compact, self._optimizers = [], [], []
+        for h in self._handles:
+            h.remove()
+        self.guards, self.compact, self._optimizers, self._layouts, self._handles = [], [], [], [], []
+
+
+def layout(optimizer: Optimizer) -> tuple[tuple[int, ...], ...]:
+    """An optimizer's param groups as parameter ids."""
+    return tuple(tuple(id(p) for p in g["params"]) for g in optimizer.param_groups)

@@ -36,6 +36,7 @@ from fish_lightning.callback import distributed
 from fish_lightning.callback.calibration import calibrate_fisher
 from fish_lightning.callback.checks import (
     bound_to,
+    check_budget,
     check_fit,
     check_strategy,
     load_given_masks,
@@ -240,6 +241,8 @@ class FisherMaskCallback(Callback):
         self._sharded = check_strategy(self.settings, trainer, self._params)
         if self.mask_path is not None and self.mask is None:
             self._given_masks = load_given_masks(self.mask_path, self._params)
+        elif self.mask is None:
+            check_budget(self.settings, self._params)
         if self.warmup is None or restored is not None:
             self.warmup = WarmupFisher(self.settings, self._params, self._sharded, allocate=self.mask is None)
         if self.rewind_frozen and self.mask is None and self._init_state is None:
@@ -290,6 +293,7 @@ class FisherMaskCallback(Callback):
         if self.mask is not None:
             if not self.enforcer.covers(trainer.optimizers):
                 self._enforce(trainer)
+            self._check_enforced()
             return
         s = self.settings
         if s.mask_epoch is None and s.warmup_steps == 0:  # calibration or mask_path: the mask before any step
@@ -297,12 +301,14 @@ class FisherMaskCallback(Callback):
             return
         self.warmup.attach(pl_module, trainer)  # type: ignore[union-attr]
         warn_short_warmup(s, trainer)
+        self._freeze_if_due(trainer, pl_module)
 
     # ------------------------------------------------------------------ per batch: dispatch
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._gate.reopen()
+        self._freeze_if_due(trainer, pl_module)  # (Lightning skips on_train_epoch_start on some resumes)
         if self.mask is None and self.warmup is not None:
             self.warmup.start_batch(trainer, batch)
 
@@ -318,6 +324,7 @@ class FisherMaskCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         if self.mask is not None:  # (Lightning's own gradient clipping comes right after this hook)
+            self._check_enforced()
             if self.reselect_every_n_steps is not None and self._gate.take():
                 if pl_module.automatic_optimization:
                     self.mask.add_squares(self._params, inverse_loss_scale(trainer, optimizer))
@@ -336,14 +343,26 @@ class FisherMaskCallback(Callback):
         warmup = self.warmup
         if self.mask is None and warmup is not None and not warmup.reduction_checked and warmup.hooks is not None:
             warmup.check_reduction(trainer, pl_module, outputs, batch)
-        if self.mask is None and self.mask_epoch is None and not self.warmup.active:  # type: ignore[union-attr]
-            self._freeze(trainer, pl_module)
+        if self.mask is None:
+            self._freeze_if_due(trainer, pl_module)
         elif self.mask is not None and self.reselect_every_n_steps is not None \
                 and self.mask.steps_since_select >= self.reselect_every_n_steps:  # fmt: skip
             self._reselect(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mask is None and self.mask_epoch is not None and trainer.current_epoch >= self.mask_epoch:
+        self._freeze_if_due(trainer, pl_module)
+
+    def _freeze_due(self, trainer: pl.Trainer) -> bool:
+        """Whether the freeze is due, from the trainer's epoch (``mask_epoch``) or the warmup's step count: checked
+        at train start, epoch start, batch start and batch end, so no single skipped hook can delay it."""
+        if self.mask is not None or self.warmup is None:
+            return False
+        if self.mask_epoch is not None:
+            return trainer.current_epoch >= self.mask_epoch
+        return not self.warmup.active
+
+    def _freeze_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._freeze_due(trainer):
             self._freeze(trainer, pl_module)
 
     # ------------------------------------------------------------------ freeze and re-selection
@@ -394,6 +413,13 @@ class FisherMaskCallback(Callback):
         self.enforcer.install(trainer.optimizers, self._params, masks)
         self.mask.masks = self.enforcer.mask_view(self._params, masks)  # type: ignore[union-attr]
 
+    def _check_enforced(self) -> None:
+        """Every step: the optimizers still hold what the enforcer installed (another callback may have rebuilt
+        their param groups); if not, enforce again (dense) or refuse (compact state mid-training)."""
+        if self.enforcer.installed and not self.enforcer.intact():
+            rank_zero_info("FISH: the optimizer's param groups changed since the mask was installed; enforcing again")
+            self.enforcer.repair(self.mask.masks)  # type: ignore[union-attr]
+
     def _reselect(self, trainer: pl.Trainer) -> None:
         """Re-select k entries from the Fisher accumulated since the last selection."""
         mask = self.mask
@@ -408,7 +434,9 @@ class FisherMaskCallback(Callback):
     def verify(self, pl_module: nn.Module | None = None) -> dict[str, Any]:
         """Check, against hashes taken at the freeze, that no frozen entry moved.
 
-        Returns ``{"frozen_unchanged": bool, "kept": int, "candidates": int, "moved": [names]}``.
+        Returns ``{"frozen_unchanged": bool, "kept": int, "candidates": int, "moved": [names], "untrained":
+        [names]}``: ``moved`` lists tensors whose frozen entries changed, ``untrained`` tensors with kept entries
+        that no optimizer of the fit trains (during fit only).
         """
         named = dict(pl_module.named_parameters()) if pl_module is not None else {}
         if self.mask is None and self._restored is not None and self._restored.get("candidates") and named:
@@ -417,8 +445,9 @@ class FisherMaskCallback(Callback):
             raise RuntimeError("FISH verify: no mask has been frozen yet")
         params = self._params if pl_module is None else {n: named[n] for n in self.mask.masks}
         moved = self.mask.moved(params)
+        untrained = self.enforcer.untrained(self._params, self.mask.masks) if self._params else []
         return {"frozen_unchanged": not moved, "kept": self.num_kept, "candidates": self.num_candidates,
-                "moved": moved}  # fmt: skip
+                "moved": moved, "untrained": untrained}  # fmt: skip
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")  # Lightning skips Callback.teardown on an exception
@@ -445,7 +474,7 @@ class FisherMaskCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         mask, warmup, trainer = self.mask, self.warmup, self._trainer
         return {
-            **{k: getattr(self.settings, k) for k in ckpt.CHECKED_SETTINGS},
+            **ckpt.settings_state(self.settings),
             "candidates": list(self.candidates) if self.candidates is not None else None,
             "shapes": {n: list(p.shape) for n, p in self._params.items()} or None,
             "fisher": warmup.checkpoint_fisher(trainer) if warmup is not None and mask is None else None,

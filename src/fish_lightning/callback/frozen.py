@@ -104,6 +104,12 @@ def report_verify(trainer: Any, report: dict[str, Any], strict: bool) -> None:
     ``strict``) when a frozen entry moved."""
     for logger in trainer.loggers:
         logger.log_metrics({"fish/frozen_unchanged": float(report["frozen_unchanged"])}, step=trainer.global_step)
+    if report.get("untrained"):
+        msg = (f"FISH verify: kept entries of {len(report['untrained'])} tensors are trained by no optimizer: "
+               f"{report['untrained'][:4]}")  # fmt: skip
+        if strict:
+            raise RuntimeError(msg)
+        rank_zero_warn(msg)
     if report["frozen_unchanged"]:
         rank_zero_info(f"FISH verify: all frozen entries unchanged; kept {report['kept']:,} of "
                        f"{report['candidates']:,}")  # fmt: skip

@@ -26,6 +26,12 @@ def check_int(name: str, value: Any, minimum: int | None = None, *, none_ok: boo
         raise ValueError(f"{name}={value!r} must be {allowed}{bound}{hint}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is ``True`` or ``False`` (not ``'false'``, not 0)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
+
+
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid: expected one of {tuple(choices)}")
@@ -59,6 +65,8 @@ class FishSettings:
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= s < 1.0:
             raise ValueError(f"sparsity={s!r} is out of range: expected a number with 0 <= sparsity < 1")
         object.__setattr__(self, "sparsity", float(s))
+        for name in ("keep_fisher", "rewind_frozen", "sparse_optimizer_state", "strict"):
+            check_bool(name, getattr(self, name))
         check_int("calibration_samples", self.calibration_samples, 1, none_ok=True)
         self._check_mask_path()
         calibrated = self.calibration_samples is not None or self.mask_path is not None  # no warmup Fisher needed
@@ -84,7 +92,8 @@ class FishSettings:
     def _check_mask_path(self) -> None:
         if self.mask_path is None:
             return
-        if not isinstance(self.mask_path, (str, os.PathLike)) or not os.path.isfile(self.mask_path):
+        if isinstance(self.mask_path, bool) or not isinstance(self.mask_path, (str, os.PathLike)) \
+                or not os.path.isfile(self.mask_path):  # fmt: skip
             raise ValueError(f"mask_path={self.mask_path!r} is not a file: give a fish_mask.safetensors (save_mask)")
         object.__setattr__(self, "mask_path", os.fspath(self.mask_path))
         clash = {"calibration_samples": self.calibration_samples is not None,

@@ -13,13 +13,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from fish_lightning.callback import distributed
-from fish_lightning.callback.calibration import eval_mode
+from fish_lightning.callback.calibration import eval_mode, muted_logging, per_example_losses
 from fish_lightning.callback.settings import FishSettings
 from fish_lightning.core.fisher import (
     PerExampleSquaredGrads,
     accumulate_squared_grads,
     batch_size,
     nonfinite_grads,
+    probe_batch_dim,
     zeros_like_params,
 )
 from fish_lightning.core.sharding import local, local_rows
@@ -63,6 +64,8 @@ class WarmupFisher:
         self.skipped_nonfinite = 0
         self.hooks: PerExampleSquaredGrads | None = None
         self._armed: tuple[int, float] | None = None  # (batch size, factor) of the batch being captured
+        self._module: nn.Module | None = None  # the module whose forward the hooks see (for the batch-dim probe)
+        self.probed = False
         self.reduction_checked = False
 
     @property
@@ -75,9 +78,13 @@ class WarmupFisher:
         """Capture per-example gradients from the training backward (``fisher_estimator="per_example"``)."""
         if not (self.settings.accumulates_warmup and self.estimator == "per_example" and self.active):
             return
+        self._module = model
         hooks = PerExampleSquaredGrads(model, self.params)
         if hooks.uncovered:
             self.fall_back(f"no per-example rule for {hooks.uncovered[:3]}")
+        elif self.staged(trainer):  # fp16 AMP: a step's squares wait in their own buffer until the GradScaler's
+            # verdict, so an overflowing step is left out without touching the steps before it
+            self.hooks = hooks.attach()
         else:  # squares straight into the Fisher (one fp32 buffer); a sharded candidate's whole-shaped sum of
             # one module call is reduce-scattered at once into its shard (no whole-shaped buffer per step)
             scatter = {n: partial(distributed.reduce_scatter_mean, trainer, param=self.params[n])
@@ -89,6 +96,12 @@ class WarmupFisher:
                     f"FISH: exact per-example Fisher through the general torch.func rule (slower than a module "
                     f"rule) for {len(general)} modules: {general[:4]}{' ...' if len(general) > 4 else ''}"
                 )
+
+    def staged(self, trainer: Any) -> bool:
+        """Per-step staging of the per-example squares: under a GradScaler (overflowing steps are routine) and
+        with no sharded candidate (FSDP2 scatters each module call's squares into the Fisher at once). Costs one
+        fp32 buffer per candidate during the warmup."""
+        return getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None and not self.sharded
 
     def detach(self) -> None:
         if self.hooks is not None:
@@ -126,10 +139,37 @@ class WarmupFisher:
         except (TypeError, IndexError) as err:
             self.fall_back(f"cannot size the batch: {err}")
             return
+        if not self.probed and n >= 2:
+            self.probed = True
+            flagged = self._probe(batch)
+            if flagged:
+                module, full, fewer = next(iter(flagged.values()))
+                self.fall_back(f"the examples are not dim 0 of {module!r}'s output: {full} for {n} examples, "
+                               f"{fewer} for {n - 1} (sequence-first?)")  # fmt: skip
+                return
         # training loss = mean (or sum) over the batch / accumulate_grad_batches (* AMP loss scale): undo all three
         per_example = n if self.settings.loss_reduction == "mean" else 1
         self._armed = (n, (per_example * max(1, trainer.accumulate_grad_batches) / loss_scale(trainer)) ** 2)
         self.hooks.start_batch(*self._armed)
+
+    def _probe(self, batch: Any) -> dict[str, list[str]]:
+        """Once, on the first warmup batch of two or more examples: the batch dimension of every hooked module's
+        output, from two no-gradient forwards (this batch and all but its last example) through ``fisher_loss``
+        or, under automatic optimization, ``training_step`` (logging muted, RNG forked, eval mode). Under manual
+        optimization without ``fisher_loss`` nothing can run a forward without stepping: not probed."""
+        module = self._module
+        if module is None:
+            return {}
+        if callable(getattr(module, "fisher_loss", None)):
+            run = module.fisher_loss
+        elif getattr(module, "automatic_optimization", False) and callable(getattr(module, "training_step", None)):
+            def run(b: Any) -> Any:
+                with muted_logging(module):
+                    return module.training_step(b, 0)
+        else:
+            return {}
+        with eval_mode(module):
+            return probe_batch_dim(run, batch, module, {n: self.params[n] for n in self.hooks.covered})  # type: ignore[union-attr]
 
     def pause(self) -> None:
         """Capture nothing until :meth:`rearm` (the rest of this step's closure evaluations)."""
@@ -147,7 +187,13 @@ class WarmupFisher:
             self.hooks.finish_batch()
 
     def take_step(self, trainer: Any, optimizer: Optimizer) -> None:
-        """One optimizer step's gradients into the Fisher (``on_before_optimizer_step`` during warmup)."""
+        """One optimizer step's gradients into the Fisher (``on_before_optimizer_step`` during warmup). A step
+        without a backward (``training_step`` returned ``None``: no candidate has a gradient) is not counted."""
+        if all(p.grad is None for p in self.params.values()):
+            if self.hooks is not None:
+                self.hooks.reset()
+            self.pause()
+            return
         hooks = self.hooks
         if hooks is not None:
             hooks.missed.update(hooks.unseen({n: p.grad for n, p in self.params.items()}))
@@ -161,7 +207,9 @@ class WarmupFisher:
             self._skip_nonfinite(trainer, hooks, bad)
             self.pause()
             return
-        if hooks is not None:  # (its squares are in the Fisher already: attach(into=...))
+        if hooks is not None:  # (direct: its squares are in the Fisher already: attach(into=...))
+            if not hooks.direct and self.fisher is not None:
+                torch._foreach_add_([self.fisher[n] for n in hooks.sums], list(hooks.sums.values()))
             hooks.reset()
         elif self.fisher is not None:
             accumulate_squared_grads(self.fisher, self.params, inverse_loss_scale(trainer, optimizer))
@@ -202,12 +250,15 @@ class WarmupFisher:
         if n < 2:
             return
         with torch.no_grad(), eval_mode(pl_module):
-            per = fisher_loss(batch).detach().float()
+            per = per_example_losses(pl_module, batch).detach().float()
         total = float(loss) * max(1, trainer.accumulate_grad_batches)
         mean, summed = float(per.mean()), float(per.sum())
         if not (total > 0 and mean > 0):
             return
-        observed = "mean" if abs(math.log(total / mean)) < abs(math.log(total / summed)) else "sum"
+        to_mean, to_sum = abs(math.log(total / mean)), abs(math.log(total / summed))
+        if math.isclose(to_mean, to_sum, rel_tol=1e-6, abs_tol=1e-9):
+            return  # undecidable (e.g. every loss but one is 0): no advice rather than a wrong one
+        observed = "mean" if to_mean < to_sum else "sum"
         if observed != self.settings.loss_reduction:
             rank_zero_warn(
                 f"FISH: the training loss ({total:.4g}) looks like the {observed} of fisher_loss over the batch of "
@@ -219,10 +270,19 @@ class WarmupFisher:
     # ------------------------------------------------------------------ end of the phase
     def reduced_fisher(self, trainer: Any) -> dict[str, Tensor]:
         """The Fisher averaged over ranks, in place (a collective; at the freeze)."""
-        if self.steps_done == 0:
+        if self.steps_done == 0 and self.skipped_nonfinite:
             raise RuntimeError(
                 "FISH: no finite warmup gradient was accumulated before the freeze "
                 f"({self.skipped_nonfinite} steps skipped as non-finite); cannot rank entries"
+            )
+        if self.steps_done == 0:
+            m, epoch = self.settings.mask_epoch, trainer.current_epoch
+            where = (f"the run resumed at epoch {epoch}, past mask_epoch={m}" if trainer.global_step > 0 else
+                     f"no training step had a backward before epoch {epoch} (mask_epoch={m})")  # fmt: skip
+            raise ValueError(
+                f"FISH: no warmup step ran before the freeze: {where}, so there is no gradient to rank entries by. "
+                "Use calibration_samples=N (the Fisher of N training examples, before any update), a later "
+                "mask_epoch, or mask_epoch=None with warmup_steps dense steps from here"
             )
         return distributed.reduce_mean_(trainer, self.fisher, skip=self.sharded)  # type: ignore[arg-type]
 

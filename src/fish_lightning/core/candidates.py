@@ -25,6 +25,8 @@ def _compile(patterns: Sequence[str] | str | None, arg: str) -> list[re.Pattern[
         return []
     if isinstance(patterns, str):
         patterns = [patterns]
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"{arg}={patterns!r} must be None, a regex string or a list of regex strings")
     out = []
     for p in patterns:
         try:

@@ -13,7 +13,7 @@ examples of the squared gradient of that example's log-likelihood. Two estimator
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -154,15 +154,16 @@ def per_example_fisher_hooks(
     model: nn.Module,
     params: Mapping[str, Tensor],
     out: MutableMapping[str, Tensor] | None = None,
+    loop: Collection[str] = (),
 ) -> tuple[dict[str, Tensor], int]:
     """Same result as :func:`per_example_fisher` (the loop), from one forward + backward.
 
-    Parameters no rule covers, and those whose per-example values were lost at run time, fall back
-    to the exact batch-size-1 loop.
+    Parameters no rule covers, those whose per-example values were lost at run time, and those named in
+    ``loop`` (e.g. :func:`probe_batch_dim`'s) fall back to the exact batch-size-1 loop.
     """
     fisher = dict(out) if out is not None else zeros_like_params(params)
     n = batch_size(batch)
-    hooks = PerExampleSquaredGrads(model, params).attach()
+    hooks = PerExampleSquaredGrads(model, {k: p for k, p in params.items() if k not in loop}).attach()
     try:
         if hooks.covered:
             hooks.start_batch(n)
@@ -175,7 +176,19 @@ def per_example_fisher_hooks(
     for name, s in hooks.sums.items():
         if name not in hooks.missed:
             fisher[name].add_(s)
-    redo = [k for k in params if k in hooks.missed or k in hooks.uncovered]
+    redo = [k for k in params if k in hooks.missed or k in hooks.uncovered or k in loop]
     if redo:
         per_example_fisher(loss_fn, batch, {k: params[k] for k in redo}, fisher)
     return fisher, n
+
+
+def probe_batch_dim(
+    run: Callable[[Any], Any], batch: Any, model: nn.Module, params: Mapping[str, Tensor]
+) -> dict[str, list[str]]:
+    """Parameters of modules whose outputs do not carry the examples on dim 0 (sequence-first layouts), found by
+    running ``run`` on the batch and on all but its last example (no gradient, RNG forked); ``{}`` for a batch of
+    one example. See :meth:`PerExampleSquaredGrads.probe_batch_dim`."""
+    n = batch_size(batch)
+    if n < 2:
+        return {}
+    return PerExampleSquaredGrads(model, params).probe_batch_dim(run, batch, slice_batch(batch, 0, n - 1), n)

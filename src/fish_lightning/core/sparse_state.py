@@ -94,6 +94,11 @@ class CompactOptimizer:
         grouped int32 index)."""
         return [(p, self.index_of(i), c) for i, (p, c) in enumerate(zip(self._p, self._c))]
 
+    @property
+    def compacted(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """``(p, c)``: each compacted parameter and the compact parameter the optimizer trains in its place."""
+        return list(zip(self._p, self._c))
+
     def index_of(self, i: int) -> Tensor:
         group, j = self._where[i]
         return group.member_index(j)

@@ -153,6 +153,39 @@ class PerExampleSquaredGrads:
                 self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True, prepend=True))
         return self
 
+    def probe_batch_dim(self, run: Callable[[Any], Any], full: Any, fewer: Any, n: int) -> dict[str, list[str]]:
+        """Which modules' outputs do not carry the examples on dim 0 (e.g. sequence-first ``[T, B, d]``, which a
+        ``T == B`` batch makes look batch-first). ``run`` is called on ``full`` (``n`` examples) and ``fewer``
+        (``n - 1``) under ``no_grad``, with the RNG forked; a ruled module whose output changes in a dim other
+        than 0, or not in dim 0, is flagged. Returns parameter name -> [module name, the two shapes] for the
+        parameters of flagged modules (callers redo them exactly or fall back)."""
+        shapes: list[dict[int, list[tuple[int, ...]]]] = [{}, {}]
+        phase = [0]  # which of the two forwards is running
+
+        def record(mod: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                shapes[phase[0]].setdefault(id(mod), []).append(tuple(output.shape))
+
+        handles = [module.register_forward_hook(record) for module, _, _ in self._rules]
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                for i, batch in enumerate((full, fewer)):
+                    phase[0] = i
+                    run(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        flagged: dict[str, list[str]] = {}
+        for module, _, owned in self._rules:
+            a, b = shapes[0].get(id(module), []), shapes[1].get(id(module), [])
+            bad = [(x, y) for x, y in zip(a, b) if len(x) != len(y) or (x != y and (
+                x[0] != n or y[0] != n - 1 or x[1:] != y[1:]))]  # fmt: skip
+            if bad:
+                desc = [self._names.get(id(module), type(module).__name__), str(list(bad[0][0])), str(list(bad[0][1]))]
+                flagged.update(dict.fromkeys(owned.values(), desc))
+        return flagged
+
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
