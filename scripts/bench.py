@@ -189,14 +189,14 @@ def op_count_configs(tiny: bool) -> dict[str, dict]:
 def callback_ops(config: dict, sparse: bool, sparsity: float, batch: int, length: int, rounds: int) -> dict:
     """Aten ops the callback's enforcement runs per masked step, and the step times.
 
-    What :class:`~fish_lightning.callback.enforcer.MaskEnforcer` does in a Lightning step is replayed:
+    What :class:`~fish_lightning.masker.enforcer.MaskEnforcer` does in a Lightning step is replayed:
     ``after_backward`` (on_after_backward), ``before_step`` (on_before_optimizer_step) and the optimizer's step
     hooks, each wrapped in a ``record_function("fish")`` range; every aten op inside one is counted, the
     top-level ones (called by FISH, not by another aten op) apart, and view/metadata ops apart.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from fish_lightning.callback.enforcer import MaskEnforcer
+    from fish_lightning.masker.enforcer import MaskEnforcer
 
     torch.manual_seed(0)
     model = build_sequence_classifier(num_labels=2, tiny_config=config)

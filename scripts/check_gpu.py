@@ -340,9 +340,9 @@ def _quiet():
 # ---------------------------------------------------------------------------------------------- 3. step times
 def time_steps(ctx: Ctx, model, loss_fn, batch, n: int, checkpointing: bool) -> dict[str, Any]:
     """Interleaved medians of the four steps on one model (each variant has its own AdamW)."""
-    from fish_lightning.callback.enforcer import MaskEnforcer
     from fish_lightning.core.fisher import PerExampleSquaredGrads, zeros_like_params
     from fish_lightning.core.selection import select_masks
+    from fish_lightning.masker.enforcer import MaskEnforcer
 
     if checkpointing:
         with _quiet():

@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fish_lightning.callback.distributed import REDUCE_BUCKET_ENTRIES
 from fish_lightning.core.candidates import find_candidates
 from fish_lightning.core.flat import GROUP_ENTRIES
 from fish_lightning.core.selection import num_kept
+from fish_lightning.masker.collectives import REDUCE_BUCKET_ENTRIES
 
 #: LLaMA-2-7B (meta-llama/Llama-2-7b-hf config.json values).
 LLAMA2_7B = dict(

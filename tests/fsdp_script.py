@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fish_lightning import FisherMaskCallback  # noqa: E402
 from fish_lightning.app.classifier import SequenceClassifier  # noqa: E402
-from fish_lightning.callback.distributed import gather_whole  # noqa: E402
+from fish_lightning.masker.collectives import gather_whole  # noqa: E402
 from test_peft_e2e import lora_module, token_batches  # noqa: E402
 
 

@@ -146,7 +146,7 @@ def test_calibration_uses_fisher_loss_when_defined():
 
     cb = FisherMaskCallback(sparsity=0.5, warmup_steps=0, mask_epoch=None, calibration_samples=10, keep_fisher=True)
     fit(cb, max_epochs=1, model=WithFisherLoss())
-    assert WithFisherLoss.calls == 2  # batched (8 + 2 examples), per-example grads from hooks
+    assert WithFisherLoss.calls == 2 + 2  # the batch-dim probe (8 and 7 examples), then batched (8 + 2 examples)
     model = TinyClassifier()
     fisher, n = per_example_fisher(
         lambda b: F.cross_entropy(model(b[0]), b[1], reduction="none"),
@@ -296,7 +296,7 @@ def test_sparse_state_refused_with_grad_scaler():
 def test_reduce_mean_is_in_place_and_bucketed():
     from types import SimpleNamespace
 
-    from fish_lightning.callback.distributed import reduce_mean_ as _reduce_mean
+    from fish_lightning.masker.collectives import reduce_mean_ as _reduce_mean
 
     sizes = []
 

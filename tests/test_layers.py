@@ -1,4 +1,5 @@
-"""The package's layers, enforced: core (pure torch) <- callback (Lightning) / adapters (transformers, peft) <- app.
+"""The package's layers, enforced: core (pure torch) <- masker (the lifecycle, framework-free) <- callback (Lightning) /
+adapters (transformers, peft) <- app.
 
 Every ``import`` in a module counts, also the ones inside functions.
 """
@@ -14,7 +15,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "fish_lightning"
 FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "transformers", "peft")
 # layer -> first-party layers and third-party roots it may not import
 FORBIDDEN = {
-    "core": (("callback", "adapters", "app"), FRAMEWORKS),
+    "core": (("masker", "callback", "adapters", "app"), FRAMEWORKS),
+    "masker": (("callback", "adapters", "app"), FRAMEWORKS),
     "callback": (("adapters", "app"), ("hydra", "omegaconf", "transformers", "peft")),
     "adapters": (("callback", "app"), ("lightning", "pytorch_lightning", "hydra")),
 }

@@ -13,6 +13,8 @@ from fish_lightning import _compat
 __version__ = "0.2.0"
 _EXPORTS = {
     "FisherMaskCallback": "fish_lightning.callback",
+    "FishMasker": "fish_lightning.masker",
+    "FishSettings": "fish_lightning.masker",
     "TieWarning": "fish_lightning.core.selection",
     "num_kept": "fish_lightning.core.selection",
     "select_masks": "fish_lightning.core.selection",

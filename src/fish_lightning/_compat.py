@@ -21,7 +21,7 @@ MOVED = {
     "sharding": "core.sharding",
     "budget": "core.budget",
     "fisher": "core.fisher",
-    "calibration": "callback.calibration",
+    "calibration": "masker.calibration",
     "modeling": "adapters.models",
     "decoders": "adapters.decoders",
     "adapter_init": "adapters.seeded_init",

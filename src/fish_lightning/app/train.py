@@ -35,9 +35,9 @@ from fish_lightning.app.errors import ConfigError, config_error
 from fish_lightning.app.instruction_data import InstructionData
 from fish_lightning.app.quiet import quiet_start
 from fish_lightning.callback.fisher_mask import FisherMaskCallback
-from fish_lightning.callback.settings import FishSettings
 from fish_lightning.core.budget import count_candidates, match_kept, sparsity_for_kept
 from fish_lightning.core.candidates import find_candidates
+from fish_lightning.masker.settings import FishSettings
 
 log = logging.getLogger("fish_lightning")
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from fish_lightning.callback.settings import FishSettings
 from fish_lightning.core.candidates import check_supported
-from fish_lightning.core.mask_file import load_mask
-from fish_lightning.core.selection import num_kept
 from fish_lightning.core.sharding import check_placements, is_sharded
 from fish_lightning.core.sparse_state import refuse_compact
+from fish_lightning.masker.settings import FishSettings
 
 
 def check_fit(settings: FishSettings, trainer: Any, pl_module: nn.Module) -> None:
@@ -53,22 +50,6 @@ def check_fit(settings: FishSettings, trainer: Any, pl_module: nn.Module) -> Non
         )
 
 
-def check_budget(settings: FishSettings, params: dict[str, nn.Parameter]) -> None:
-    """Refuse a sparsity that keeps no candidate entry (``k = round((1 - sparsity) * n)`` rounds to 0)."""
-    sizes = [p.numel() for p in params.values()]
-    n = sum(sizes)
-    if settings.scope == "per_tensor":
-        kept, largest = sum(num_kept(m, settings.sparsity) for m in sizes), max(sizes, default=0)
-    else:
-        kept, largest = num_kept(n, settings.sparsity), n
-    if kept == 0 and n > 0:
-        where = " per tensor (scope='per_tensor')" if settings.scope == "per_tensor" else ""
-        raise ValueError(
-            f"sparsity={settings.sparsity:g} keeps 0 of the {n:,} candidate entries{where}: use sparsity <= "
-            f"{1 - 1 / largest:.6g} to keep at least one (k = round((1 - sparsity) * n))"
-        )
-
-
 def warn_short_warmup(settings: FishSettings, trainer: Any) -> None:
     """Warn when fewer optimizer steps than ``warmup_steps`` run before ``mask_epoch`` (a partial accumulation
     window at an epoch's end is one step)."""
@@ -82,45 +63,6 @@ def warn_short_warmup(settings: FishSettings, trainer: Any) -> None:
             f"warmup_steps={s.warmup_steps} but only {per_epoch * s.mask_epoch} optimizer "
             f"steps run before mask_epoch={s.mask_epoch}: the Fisher will use those steps only"
         )
-
-
-def bound_to(refs: list, params: dict[str, nn.Parameter]) -> bool:
-    """Whether ``refs`` (weak references) are exactly these candidate tensors, in order."""
-    return len(refs) == len(params) and all(r() is p for r, p in zip(refs, params.values()))
-
-
-def warn_new_model() -> None:
-    rank_zero_warn(
-        "FISH: this fit's model is not the one the callback's state belongs to (a new model, or other "
-        "candidate tensors): its mask/Fisher are discarded and a new warmup starts. Use one callback per "
-        "model, or a checkpoint (ckpt_path=...) to continue a run"
-    )
-
-
-def load_given_masks(path: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """``mask_path``'s masks (whole, CPU), refused unless they are exactly the candidates with their shapes."""
-    try:
-        masks = load_mask(path)
-    except Exception as err:  # safetensors' own errors name neither the option nor what a mask file is
-        raise ValueError(
-            f"mask_path={path!r} is not a FISH mask file ({type(err).__name__}: {str(err).splitlines()[0][:160]}): "
-            "a mask file is the fish_mask.safetensors a run saves (fish_lightning.core.mask_file.save_mask): "
-            "bit-packed masks keyed by parameter name, not a Lightning or torch checkpoint"
-        ) from err
-    missing = [n for n in params if n not in masks]
-    extra = [n for n in masks if n not in params]
-    if missing or extra:
-        first = f"no mask for candidate {missing[0]!r}" if missing else f"mask {extra[0]!r} is not a candidate"
-        raise ValueError(
-            f"mask_path={path!r} does not fit this model: {first} ({len(missing)} candidates without a mask, "
-            f"{len(extra)} masks without a candidate; candidates look like {list(params)[:2]}): same model, peft "
-            "config and include/exclude as the run that saved it?"
-        )
-    for n, p in params.items():
-        if tuple(masks[n].shape) != tuple(p.shape):
-            raise ValueError(f"mask_path={path!r}: mask {n!r} has shape {list(masks[n].shape)} but the candidate "
-                             f"has shape {list(p.shape)}: same model and peft config (e.g. rank r)?")  # fmt: skip
-    return masks
 
 
 def check_strategy(settings: FishSettings, trainer: Any, params: dict[str, nn.Parameter]) -> set[str]:

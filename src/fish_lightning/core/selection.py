@@ -11,6 +11,7 @@ import math
 import struct
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -190,6 +191,63 @@ def _warn_ties(n_tied: int, n: int, k: int, where: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Scorer:
+    """A selection rule: per-entry scores (higher = kept) from the Fisher (``None`` unless ``needs_fisher``), the
+    candidate parameters and a seed."""
+
+    name: str
+    score: Callable[[Mapping[str, Tensor] | None, Mapping[str, Tensor], int], dict[str, Tensor]]
+    needs_fisher: bool
+
+
+#: name -> scorer; ``selection=<name>`` picks one (:func:`register_scorer` adds a user's own)
+SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(name: str, needs_fisher: bool) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn(fisher, params, seed) -> {name: scores}`` as ``selection=name``. With
+    ``needs_fisher=True`` the warmup (or calibration) Fisher is accumulated and passed; else ``fisher`` is
+    ``None`` and no Fisher is computed."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_scorer: name={name!r} must be a non-empty string")
+
+    def deco(fn: Callable) -> Callable:
+        SCORERS[name] = Scorer(name, fn, bool(needs_fisher))
+        return fn
+
+    return deco
+
+
+@register_scorer("fisher", needs_fisher=True)
+def _fisher(fisher: Mapping[str, Tensor], params: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
+    # the accumulators themselves (no copy: the freeze's peak memory)
+    return {n: fisher[n] if fisher[n].dtype == torch.float32 else fisher[n].float() for n in params}
+
+
+@register_scorer("random", needs_fisher=False)
+def _random(fisher: Mapping[str, Tensor] | None, params: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in params.items()}
+
+
+@register_scorer("reverse", needs_fisher=True)
+def _reverse(fisher: Mapping[str, Tensor], params: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
+    return {n: -fisher[n].float() for n in params}
+
+
+@register_scorer("magnitude", needs_fisher=False)
+def _magnitude(fisher: Mapping[str, Tensor] | None, params: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
+    return {n: p.detach().abs().float() for n, p in params.items()}
+
+
+def get_scorer(selection: str) -> Scorer:
+    """The registered scorer ``selection`` (``ValueError`` listing the registered names otherwise)."""
+    if not isinstance(selection, str) or selection not in SCORERS:
+        raise ValueError(f"selection={selection!r} is not valid: expected one of {tuple(SCORERS)}")
+    return SCORERS[selection]
+
+
 def selection_scores(
     selection: str,
     fisher: Mapping[str, Tensor] | None,
@@ -201,20 +259,12 @@ def selection_scores(
     ``"fisher"``: the Fisher (the same tensors when fp32: do not modify them); ``"reverse"``: minus the
     Fisher (a copy; keeps the lowest);
     ``"random"``: uniform noise from a CPU generator seeded with ``seed`` (same on every rank);
-    ``"magnitude"``: ``|w|`` of the current parameter values.
+    ``"magnitude"``: ``|w|`` of the current parameter values; any name registered with :func:`register_scorer`.
     """
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r} is not valid: expected one of {SELECTIONS}")
-    if selection in ("fisher", "reverse"):
-        if fisher is None:
-            raise ValueError(f"selection={selection!r} needs a Fisher estimate, but none was accumulated")
-        if selection == "fisher":  # the accumulators themselves (no copy: the freeze's peak memory)
-            return {n: fisher[n] if fisher[n].dtype == torch.float32 else fisher[n].float() for n in params}
-        return {n: -fisher[n].float() for n in params}
-    if selection == "magnitude":
-        return {n: p.detach().abs().float() for n, p in params.items()}
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in params.items()}
+    scorer = get_scorer(selection)
+    if scorer.needs_fisher and fisher is None:
+        raise ValueError(f"selection={selection!r} needs a Fisher estimate, but none was accumulated")
+    return scorer.score(fisher, params, seed)
 
 
 def density_report(masks: Mapping[str, Tensor]) -> dict[str, float]:

@@ -9,11 +9,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from fish_lightning.core.candidates import validate_patterns
-from fish_lightning.core.selection import SCOPES, SELECTIONS
+from fish_lightning.core.selection import SCOPES, SCORERS, get_scorer
 
 ESTIMATORS = ("per_example", "batch_grad")
 REDUCTIONS = ("mean", "sum")
-NEEDS_FISHER = ("fisher", "reverse")
 
 
 def check_int(name: str, value: Any, minimum: int | None = None, *, none_ok: bool = False, hint: str = "") -> None:
@@ -79,7 +78,7 @@ class FishSettings:
                 "estimate the Fisher from: use mask_epoch>=1, mask_epoch=None, or calibration_samples"
             )
         check_choice("scope", self.scope, SCOPES)
-        check_choice("selection", self.selection, SELECTIONS)
+        check_choice("selection", self.selection, tuple(SCORERS))
         check_choice("fisher_estimator", self.fisher_estimator, ESTIMATORS)
         check_choice("loss_reduction", self.loss_reduction, REDUCTIONS)
         check_int("reselect_every_n_steps", self.reselect_every_n_steps, 1, none_ok=True)
@@ -105,7 +104,7 @@ class FishSettings:
     @property
     def needs_fisher(self) -> bool:
         """The selection ranks entries by a Fisher (``"fisher"`` or ``"reverse"``; not with ``mask_path``)."""
-        return self.selection in NEEDS_FISHER and self.mask_path is None
+        return get_scorer(self.selection).needs_fisher and self.mask_path is None
 
     @property
     def accumulates_warmup(self) -> bool:

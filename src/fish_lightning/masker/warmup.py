@@ -7,14 +7,9 @@ from functools import partial
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from fish_lightning.callback import distributed
-from fish_lightning.callback.calibration import eval_mode, muted_logging, per_example_losses
-from fish_lightning.callback.settings import FishSettings
 from fish_lightning.core.fisher import (
     PerExampleSquaredGrads,
     accumulate_squared_grads,
@@ -24,6 +19,11 @@ from fish_lightning.core.fisher import (
     zeros_like_params,
 )
 from fish_lightning.core.sharding import local, local_rows
+from fish_lightning.masker import collectives as distributed
+from fish_lightning.masker.calibration import eval_mode, muted_logging, per_example_losses
+from fish_lightning.masker.log import info as rank_zero_info
+from fish_lightning.masker.log import warn as rank_zero_warn
+from fish_lightning.masker.settings import FishSettings
 
 
 def loss_scale(trainer: Any) -> float:
@@ -36,7 +36,7 @@ def inverse_loss_scale(trainer: Any, optimizer: Optimizer) -> float:
     """1 / loss scale when the gradients seen in ``on_before_optimizer_step`` are still scaled (fused
     optimizers under fp16 AMP unscale inside ``step``)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is not None and _optimizer_handles_unscaling(optimizer):
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
         return 1.0 / float(scaler.get_scale())
     return 1.0
 
@@ -65,6 +65,7 @@ class WarmupFisher:
         self.hooks: PerExampleSquaredGrads | None = None
         self._armed: tuple[int, float] | None = None  # (batch size, factor) of the batch being captured
         self._module: nn.Module | None = None  # the module whose forward the hooks see (for the batch-dim probe)
+        self.runner: Any = None  # batch -> a forward of it without side effects, for the probe (plain loops)
         self.probed = False
         self.reduction_checked = False
 
@@ -160,7 +161,9 @@ class WarmupFisher:
         module = self._module
         if module is None:
             return {}
-        if callable(getattr(module, "fisher_loss", None)):
+        if self.runner is not None:
+            run = self.runner
+        elif callable(getattr(module, "fisher_loss", None)):
             run = module.fisher_loss
         elif getattr(module, "automatic_optimization", False) and callable(getattr(module, "training_step", None)):
             def run(b: Any) -> Any:

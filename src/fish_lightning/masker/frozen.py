@@ -6,12 +6,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from fish_lightning.core.anatomy import mask_anatomy
 from fish_lightning.core.fisher import accumulate_squared_grads, nonfinite_grads, zeros_like_params
 from fish_lightning.core.sparse_state import frozen_digest
+from fish_lightning.masker.log import info as rank_zero_info
+from fish_lightning.masker.log import warn as rank_zero_warn
 
 
 class FrozenMask:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from fish_lightning.core.masking import FrozenEntryGuard, mask_gradients
 from fish_lightning.core.sparse_state import CompactOptimizer, zero_state_entries
+from fish_lightning.masker.log import warn as rank_zero_warn
 
 
 class CompactMasks(Mapping[str, Tensor]):

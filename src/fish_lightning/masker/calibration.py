@@ -1,20 +1,18 @@
 """FISH calibration (the original FISH procedure): the Fisher from true per-example gradients of
 training examples, computed without updating anything, with the model in eval mode.
 
-Lightning-level helpers used by :class:`~fish_lightning.callback.fisher_mask.FisherMaskCallback`.
+Framework-free: the loader, the device move and the per-example loss come from the caller.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from fish_lightning.core.fisher import (
     batch_size,
@@ -23,44 +21,44 @@ from fish_lightning.core.fisher import (
     slice_batch,
     zeros_like_params,
 )
+from fish_lightning.masker.log import warn as rank_zero_warn
 
 
 def calibrate_fisher(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor], n_samples: int,
-    loss_reduction: str = "mean",
+    loader: Iterable[Any] | None, model: nn.Module, params: Mapping[str, Tensor], n_samples: int,
+    loss_fn: Callable[[Any], Tensor], to_device: Callable[[Any], Any] = lambda b: b,
 ) -> tuple[dict[str, Tensor], int]:  # fmt: skip
-    """Sum of squared per-example gradients over the first ``n_samples`` training examples.
+    """Sum of squared per-example gradients over the first ``n_samples`` examples of ``loader``, with
+    ``loss_fn(batch) -> Tensor[b]`` (per-example losses; see :func:`per_example_loss_fn`).
 
     Returns ``(fisher, examples_seen)``; nothing is updated and no ``.grad`` is touched.
     """
-    loader = trainer.train_dataloader
     if loader is None:
-        raise RuntimeError("FISH calibration needs the train dataloader, but the trainer has none")
+        raise RuntimeError("FISH calibration needs the training data loader, but there is none")
     fisher = zeros_like_params(params)
-    loss_fn = per_example_loss_fn(pl_module, loss_reduction)
     seen, loop = 0, None
-    with eval_mode(pl_module), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         for batch in loader:
-            batch = trainer.strategy.batch_to_device(batch)
+            batch = to_device(batch)
             take = min(batch_size(batch), n_samples - seen)
             if loop is None and take >= 2:  # once: modules whose outputs are not batch-first get the exact loop
-                flagged = probe_batch_dim(loss_fn, slice_batch(batch, 0, take), pl_module, params)
+                flagged = probe_batch_dim(loss_fn, slice_batch(batch, 0, take), model, params)
                 loop = set(flagged)
                 if flagged:
                     rank_zero_warn(f"FISH calibration: {sorted({v[0] for v in flagged.values()})[:4]} do not carry "
                                    "the examples on dim 0 of their outputs (sequence-first?): their parameters "
                                    "are scored with the exact batch-size-1 loop")  # fmt: skip
-            fisher, n = per_example_fisher_hooks(loss_fn, slice_batch(batch, 0, take), pl_module, params, fisher,
+            fisher, n = per_example_fisher_hooks(loss_fn, slice_batch(batch, 0, take), model, params, fisher,
                                                  loop or ())  # fmt: skip
             seen += n
             if seen >= n_samples:
                 break
     if seen < n_samples:
-        rank_zero_warn(f"calibration_samples={n_samples} but the train dataloader yielded {seen} examples")
+        rank_zero_warn(f"calibration_samples={n_samples} but the training data yielded {seen} examples")
     return fisher, seen
 
 
-def per_example_loss_fn(pl_module: pl.LightningModule, loss_reduction: str = "mean"):
+def per_example_loss_fn(pl_module: nn.Module, loss_reduction: str = "mean"):
     """``batch -> losses``: the module's ``fisher_loss``, else ``training_step`` (logging muted), whose
     loss is a mean over the batch (``loss_reduction="mean"``) or a sum (``"sum"``)."""
     if callable(getattr(pl_module, "fisher_loss", None)):
@@ -80,7 +78,7 @@ def per_example_loss_fn(pl_module: pl.LightningModule, loss_reduction: str = "me
     return loss_fn
 
 
-def per_example_losses(pl_module: pl.LightningModule, batch: Any) -> Tensor:
+def per_example_losses(pl_module: nn.Module, batch: Any) -> Tensor:
     """``pl_module.fisher_loss(batch)``, checked to be one loss per example (shape ``[b]``)."""
     losses = pl_module.fisher_loss(batch)
     n = batch_size(batch)
@@ -94,7 +92,7 @@ def per_example_losses(pl_module: pl.LightningModule, batch: Any) -> Tensor:
 
 
 @contextlib.contextmanager
-def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+def muted_logging(pl_module: nn.Module) -> Iterator[None]:
     def _noop(*args: Any, **kwargs: Any) -> None:
         return None
 

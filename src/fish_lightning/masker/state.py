@@ -10,10 +10,10 @@ from typing import Any
 
 from torch import Tensor
 
-from fish_lightning.callback import distributed
-from fish_lightning.callback.frozen import FrozenMask
 from fish_lightning.core.masking import pack_mask, unpack_mask
 from fish_lightning.core.sharding import local_rows
+from fish_lightning.masker import collectives as distributed
+from fish_lightning.masker.frozen import FrozenMask
 
 #: settings a resumed run must share with the checkpoint: they decide the candidates and which entries are kept
 CHECKED_SETTINGS = ("sparsity", "selection", "scope", "seed", "include", "exclude")
