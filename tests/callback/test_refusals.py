@@ -121,3 +121,29 @@ def test_unreadable_mask_file_names_the_option_and_the_file(tmp_path, content, o
     with pytest.raises(ValueError, match=rf"mask_path='{path}' is not a FISH mask file \(.+\): a mask file is the "
                                          r"fish_mask\.safetensors"):
         make_trainer([cb], max_epochs=1).fit(TinyClassifier(), make_loader())
+
+
+def test_kept_is_an_exact_budget_without_a_sparsity_round_trip(one_thread):
+    cb = FisherMaskCallback(kept=37, warmup_steps=2, mask_epoch=1)
+    make_trainer([cb], max_epochs=2).fit(TinyClassifier(), make_loader())
+    assert cb.num_kept == 37 == sum(int(m.sum()) for m in cb.masks.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kept=0), r"kept=0 must be None or an integer >= 1"),
+        (dict(kept=5, sparsity=0.5), r"kept=5 and sparsity=0\.5 both set the budget: pass one"),
+        (dict(kept=5, scope="per_tensor"), r"kept sets one budget over all candidates"),
+    ],
+)
+def test_kept_settings_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FisherMaskCallback(**kwargs)
+
+
+def test_kept_above_the_candidates_is_refused_at_fit_start(one_thread):
+    with pytest.raises(ValueError, match=r"kept=1,000 is more than the 195 candidate entries"):
+        make_trainer([FisherMaskCallback(kept=1000, warmup_steps=2, mask_epoch=1)], max_epochs=2).fit(
+            TinyClassifier(), make_loader()
+        )

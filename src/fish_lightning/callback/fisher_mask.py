@@ -79,7 +79,8 @@ class FisherMaskCallback(Callback):
             ``fish_mask.safetensors``), applied at the configured freeze instead of a selection (no Fisher; the
             dense warmup still runs; ``warmup_steps=0, mask_epoch=None``: at fit start). Names and shapes must be
             this fit's candidates (checked at fit start); ``sparsity``/``selection`` are then unused.
-
+        kept: keep exactly this many candidate entries (an alternative to ``sparsity``, which then stays at its
+            default; scopes ``"global"`` and ``"normalized"``), e.g. another method's trainable-entry budget.
         settings: a :class:`~fish_lightning.masker.settings.FishSettings` instead of the keywords above.
 
     After the freeze, ``cb.masks`` maps parameter names to bool masks (True = trained). The lifecycle is
@@ -105,6 +106,7 @@ class FisherMaskCallback(Callback):
         reselect_every_n_steps: int | None = None,
         loss_reduction: str = "mean",
         mask_path: str | None = None,
+        kept: int | None = None,
         *,
         settings: FishSettings | None = None,
     ) -> None:
@@ -114,7 +116,7 @@ class FisherMaskCallback(Callback):
                          fisher_estimator=fisher_estimator, rewind_frozen=rewind_frozen,
                          sparse_optimizer_state=sparse_optimizer_state, strict=strict,
                          reselect_every_n_steps=reselect_every_n_steps, loss_reduction=loss_reduction,
-                         mask_path=mask_path)  # fmt: skip
+                         mask_path=mask_path, kept=kept)  # fmt: skip
         super().__init__()
         if settings is not None:
             changed = {k: v for k, v in arguments.items() if v != getattr(FishSettings, k)}
@@ -232,8 +234,9 @@ class FisherMaskCallback(Callback):
             check_budget(self.settings, m.params)
         m.start(sharded, given, restored)
         self._fit_started = True
+        budget = f"kept={self.kept:,}" if self.kept is not None else f"sparsity {self.sparsity:g}"
         how = f"from mask_path={self.mask_path}" if m.given_masks is not None else \
-            f"(sparsity {self.sparsity:g}, {self.selection}, {self.scope})"  # fmt: skip
+            f"({budget}, {self.selection}, {self.scope})"  # fmt: skip
         rank_zero_info(f"FISH: {len(m.candidates)} candidate tensors, {m.num_candidates:,} entries; "
                        f"keeping {m.num_kept:,} {how}")  # fmt: skip
 

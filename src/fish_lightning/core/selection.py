@@ -71,8 +71,9 @@ def select_masks(
     sparsity: float,
     scope: str = "global",
     warn_ties: bool = True,
+    k: int | None = None,
 ) -> dict[str, Tensor]:
-    """Keep exactly ``num_kept(n, sparsity)`` entries, globally or per tensor.
+    """Keep exactly ``num_kept(n, sparsity)`` entries (or ``k``), globally or per tensor.
 
     The same entries as :func:`topk_mask` on the concatenated scores (ties at the cut go to the lowest
     flat index, in the mapping's order), found without concatenating or sorting: a bisection for the
@@ -88,13 +89,14 @@ def select_masks(
             of magnitude smaller, LoRA A against B, is not starved, yet densities still differ by tensor;
             costs one copy of the scores).
         warn_ties: emit a :class:`TieWarning` when the cut falls inside a run of equal scores.
+        k: keep exactly this many entries instead (``"global"``/``"normalized"`` scopes; ``sparsity`` unused).
 
     Returns:
         name -> bool mask with the tensor's shape (on the scores' device).
     """
     return select_masks_sharded(
         scores, {n: t.numel() for n, t in scores.items()}, dict.fromkeys(scores, 0), sparsity,
-        lambda t: t, rank=0, world_size=1, scope=scope, warn_ties=warn_ties,
+        lambda t: t, rank=0, world_size=1, scope=scope, warn_ties=warn_ties, k=k,
     )  # fmt: skip
 
 
@@ -117,6 +119,7 @@ def select_masks_sharded(
     world_size: int,
     scope: str = "global",
     warn_ties: bool = True,
+    k: int | None = None,
 ) -> dict[str, Tensor]:
     """:func:`select_masks` over tensors whose entries are split across ranks (FSDP shards): exactly
     ``k`` kept entries in total, the same entries :func:`select_masks` keeps on the gathered scores.
@@ -155,7 +158,12 @@ def select_masks_sharded(
     group_of = {n: g for g, members in enumerate(groups) for n in members}
     n_groups = len(groups)
     sizes = [sum(numels[n] for n in members) for members in groups]
-    ks = torch.tensor([num_kept(size, sparsity) for size in sizes], dtype=torch.int64)
+    if k is not None:
+        if scope == "per_tensor" or isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= sizes[0]:
+            raise ValueError(f"k={k!r} must be an integer in [0, {sizes[0]}] with scope 'global' or 'normalized'")
+        ks = torch.tensor([k], dtype=torch.int64)
+    else:
+        ks = torch.tensor([num_kept(size, sparsity) for size in sizes], dtype=torch.int64)
     nan = torch.tensor([sum(int(torch.isnan(flat[n]).sum()) for n in names)], dtype=torch.int64, device=device)
     if int(all_reduce_sum(nan)[0]):
         raise ValueError("scores contain NaN; cannot rank entries (check for NaN gradients)")

@@ -15,6 +15,10 @@ def check_budget(settings: FishSettings, params: dict[str, nn.Parameter]) -> Non
     """Refuse a sparsity that keeps no candidate entry (``k = round((1 - sparsity) * n)`` rounds to 0)."""
     sizes = [p.numel() for p in params.values()]
     n = sum(sizes)
+    if settings.kept is not None:
+        if settings.kept > n:
+            raise ValueError(f"kept={settings.kept:,} is more than the {n:,} candidate entries: use kept <= {n:,}")
+        return
     if settings.scope == "per_tensor":
         kept, largest = sum(num_kept(m, settings.sparsity) for m in sizes), max(sizes, default=0)
     else:

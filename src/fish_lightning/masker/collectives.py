@@ -81,7 +81,7 @@ def kept_counts(trainer: Any, masks: Mapping[str, Tensor], sharded: set[str]) ->
 
 def select_sharded(
     trainer: Any, scores: Mapping[str, Tensor], params: Mapping[str, Tensor], sharded: set[str], sparsity: float,
-    scope: str,
+    scope: str, k: int | None = None,
 ) -> dict[str, Tensor]:  # fmt: skip
     """Exactly k entries over every rank's shards (the entries one process would keep; bisection all-reduces).
     Replicated candidates are scored by rank 0 (empty elsewhere) and must be broadcast by the caller."""
@@ -96,7 +96,7 @@ def select_sharded(
             offsets[n] = 0 if rank == 0 else p.numel()
     masks = select_masks_sharded(
         local_scores, {n: p.numel() for n, p in params.items()}, offsets, sparsity,
-        lambda t: trainer.strategy.reduce(t, reduce_op="sum"), rank, trainer.world_size, scope,
+        lambda t: trainer.strategy.reduce(t, reduce_op="sum"), rank, trainer.world_size, scope, k=k,
     )  # fmt: skip
     return {n: m if n in sharded else m.reshape(-1)[:0] for n, m in masks.items()}
 

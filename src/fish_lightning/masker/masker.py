@@ -121,6 +121,8 @@ class FishMasker:
             return self.mask.num_kept
         if self.given_masks is not None:
             return sum(int(m.sum()) for m in self.given_masks.values())
+        if self.settings.kept is not None:
+            return self.settings.kept
         if self.settings.scope == "per_tensor" and self.params:
             return sum(num_kept(p.numel(), self.settings.sparsity) for p in self.params.values())
         return num_kept(self.num_candidates, self.settings.sparsity)
@@ -366,9 +368,9 @@ class FishMasker:
         s, host = self.settings, self.host
         scores = get_scorer(s.selection).score(fisher, self.params, s.seed)
         if self.sharded:
-            masks = distributed.select_sharded(host, scores, self.params, self.sharded, s.sparsity, s.scope)
+            masks = distributed.select_sharded(host, scores, self.params, self.sharded, s.sparsity, s.scope, s.kept)
         else:
-            masks = select_masks(scores, s.sparsity, s.scope)
+            masks = select_masks(scores, s.sparsity, s.scope, k=s.kept)
         del scores
         masks = distributed.broadcast_masks(host, masks, [n for n in masks if n not in self.sharded])
         masks = {n: m.to(self.params[n].device) for n, m in masks.items()}

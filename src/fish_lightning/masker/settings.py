@@ -58,6 +58,7 @@ class FishSettings:
     reselect_every_n_steps: int | None = None
     loss_reduction: str = "mean"
     mask_path: str | None = None
+    kept: int | None = None
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -86,6 +87,13 @@ class FishSettings:
             raise ValueError("reselect_every_n_steps with selection='random' would only reshuffle the mask: "
                              "use selection='fisher', 'reverse' or 'magnitude'")  # fmt: skip
         check_int("seed", self.seed)
+        check_int("kept", self.kept, 1, none_ok=True)
+        if self.kept is not None:
+            if self.sparsity != FishSettings.sparsity:
+                raise ValueError(f"kept={self.kept} and sparsity={self.sparsity:g} both set the budget: pass one")
+            if self.scope == "per_tensor":
+                raise ValueError("kept sets one budget over all candidates: use scope='global' or 'normalized' "
+                                 "(or sparsity with scope='per_tensor')")  # fmt: skip
         validate_patterns(self.include, self.exclude)
 
     def _check_mask_path(self) -> None:

@@ -16,7 +16,7 @@ from fish_lightning.masker import collectives as distributed
 from fish_lightning.masker.frozen import FrozenMask
 
 #: settings a resumed run must share with the checkpoint: they decide the candidates and which entries are kept
-CHECKED_SETTINGS = ("sparsity", "selection", "scope", "seed", "include", "exclude")
+CHECKED_SETTINGS = ("sparsity", "selection", "scope", "seed", "include", "exclude", "kept")
 #: checkpoint key -> setting: the warmup's estimator as configured (``fisher_estimator`` holds the one in use)
 RENAMED = {"fisher_estimator_setting": "fisher_estimator"}
 
