@@ -70,7 +70,7 @@ def tiny_module(method: str, **overrides) -> SequenceClassifier:
 def test_every_method_has_a_config():
     # decoder configs (fish_lightning.adapters.decoders.apply_decoder_peft, e.g. lora_decoder): test_causal_lm.py
     stems = {p.stem for p in CONF.glob("*.yaml") if "fish_lightning.adapters.decoders." not in p.read_text()}
-    assert stems == set(PEFT_METHODS) - {"adalora"}  # adalora: refused by FISH
+    assert stems == set(PEFT_METHODS)  # (AdaLoRA is refused: not offered)
     assert set(EXPECTED) == stems
 
 
@@ -143,7 +143,12 @@ def test_pissa_and_adapters_leave_the_function_unchanged_at_init():
 
 def test_adalora_is_refused_with_a_clear_error():
     model = build_sequence_classifier(num_labels=2, tiny_config=TINY)
-    model = apply_peft(model, "adalora", init_r=4, target_r=2, total_step=100, target_modules=["query", "value"])
+    with pytest.raises(ValueError, match=r"peft method 'adalora' is refused: AdaLoRA prunes its own rank budget"):
+        apply_peft(model, "adalora", init_r=4, target_r=2, total_step=100, target_modules=["query", "value"])
+    import peft  # a user's own AdaLoRA model: refused by FISH at fit start
+
+    model = peft.get_peft_model(model, peft.AdaLoraConfig(init_r=4, target_r=2, total_step=100, task_type="SEQ_CLS",
+                                                          target_modules=["query", "value"]))  # fmt: skip
     names = find_candidates(model)  # lora_A, lora_B and the singular values lora_E
     assert names and all(re.search(ADDED_TENSORS["adalora"], n) for n in names)
     assert any("lora_E" in n for n in names)
@@ -217,3 +222,18 @@ def test_always_trained_marker_and_plain_model_default():
     names = find_candidates(model)
     assert "classifier.weight" not in names and "bert.pooler.dense.weight" in names
     assert "classifier.weight" in find_candidates(model, include=["classifier"])  # include overrides
+
+
+def test_one_registration_per_method_and_one_config_each():
+    from fish_lightning.adapters.peft_methods import REGISTRY
+
+    configs = {}
+    for path in CONF.glob("*.yaml"):
+        text = path.read_text()
+        method = re.search(r"^method: (\w+)", text, re.M).group(1)
+        configs.setdefault(method, []).append(path.stem)
+    offered = {n for n, m in REGISTRY.items() if m.refused is None}
+    assert set(configs) == offered  # every config has an entry, every offered entry a config
+    assert "adalora" in REGISTRY and "adalora" not in PEFT_METHODS
+    with pytest.raises(ValueError, match=r"peft method 'lorra' is not supported: expected one of \('none', 'lora'"):
+        apply_peft(build_sequence_classifier(num_labels=2, tiny_config=TINY), "lorra")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fish_lightning.adapters.models import apply_peft
+from fish_lightning.adapters.peft_methods import REGISTRY, get_method, offered
 
 #: ``config.model_type`` -> names (suffixes) of the linear projections of each block: attention and
 #: MLP, never the embeddings or the LM head. GPT-2's are ``transformers`` ``Conv1D`` layers (weight
@@ -25,7 +26,8 @@ DECODER_PROJECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 #: peft methods :func:`apply_decoder_peft` accepts (the LoRA family, and ``none`` = full fine-tuning).
-DECODER_PEFT_METHODS = ("lora", "dora", "rslora", "pissa", "none")
+#: the registry's methods that run on causal LMs
+DECODER_PEFT_METHODS = tuple(n for n in offered() if REGISTRY[n].decoder)
 
 #: :func:`apply_decoder_peft`'s ``target_modules`` value meaning "every projection of this architecture".
 PROJECTIONS = "projections"
@@ -160,8 +162,7 @@ def apply_decoder_peft(
     ``fan_in_fan_out`` defaults to ``True`` when every targeted layer is a ``transformers`` ``Conv1D``
     (GPT-2), whose weight is stored ``[in, out]``.
     """
-    if method not in DECODER_PEFT_METHODS:
-        raise ValueError(f"peft method {method!r} is not supported on decoders: expected one of {DECODER_PEFT_METHODS}")
+    get_method(method, decoder=True)
     if method == "none":
         return apply_peft(model, "none", **config)
     if target_modules == PROJECTIONS:

@@ -15,37 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-PEFT_METHODS = (
-    "none",
-    "lora",
-    "dora",
-    "rslora",
-    "pissa",
-    "adalora",
-    "ia3",
-    "loha",
-    "lokr",
-    "vera",
-    "houlsby",
-    "pfeiffer",
-)
+from fish_lightning.adapters.peft_methods import REGISTRY, get_method, offered
 
-#: method -> regex (``re.search``) matching the names of the tensors the method adds, which are
-#: its default FISH candidates (peft adapter name ``default``); ``None``: every weight (full fine-tuning).
-ADDED_TENSORS: dict[str, str | None] = {
-    "none": None,
-    "lora": r"\.lora_[AB]\.default\.weight$",
-    "dora": r"\.lora_(A|B|magnitude_vector)\.default\.weight$",
-    "rslora": r"\.lora_[AB]\.default\.weight$",
-    "pissa": r"\.lora_[AB]\.default\.weight$",
-    "adalora": r"\.lora_[ABE]\.default$",
-    "ia3": r"\.ia3_l\.default$",
-    "loha": r"\.hada_w[12]_[ab]\.default$",
-    "lokr": r"\.lokr_w[12](_[ab])?\.default$",
-    "vera": r"\.vera_lambda_[bd]\.default$",
-    "houlsby": r"\.dense\.adapter\.(down|up)\.(weight|bias)$",
-    "pfeiffer": r"\.output\.dense\.adapter\.(down|up)\.(weight|bias)$",
-}
+#: the methods the apps build (the registry's, without the refused ones; see :mod:`.peft_methods`)
+PEFT_METHODS = offered()
+#: method -> regex of the tensors it adds (its default FISH candidates); ``None``: every weight
+ADDED_TENSORS: dict[str, str | None] = {n: m.added for n, m in REGISTRY.items()}
 
 
 def minilm_path() -> str:
@@ -117,53 +92,28 @@ def apply_peft(model: nn.Module, method: str = "lora", **config: Any) -> nn.Modu
     - ``"none"``: returns ``model`` unchanged (full fine-tuning: FISH over all weights, head included).
     - ``"lora"``, ``"dora"`` (``use_dora=True``), ``"rslora"`` (``use_rslora=True``), ``"pissa"``
       (``init_lora_weights="pissa"`` unless a ``"pissa_niter_<k>"`` variant is given): ``peft.LoraConfig``.
-    - ``"adalora"``, ``"ia3"``, ``"loha"``, ``"lokr"``, ``"vera"``: the matching peft config
-      (``AdaLoraConfig`` needs ``total_step``; FISH refuses AdaLoRA, see
-      :func:`fish_lightning.core.candidates.check_supported`).
+    - ``"ia3"``, ``"loha"``, ``"lokr"``, ``"vera"``: the matching peft config. AdaLoRA is refused (it prunes its
+      own rank budget), before peft builds anything.
     - ``"houlsby"``, ``"pfeiffer"``: our bottleneck adapters, :func:`fish_lightning.adapters.bottleneck.add_adapters`.
 
     ``config`` goes to that config class / function. peft methods default to
     ``task_type="SEQ_CLS"``, with which peft keeps the classifier head trainable as a whole
     (``modules_to_save``); our adapters keep and mark it themselves.
     """
-    if method not in PEFT_METHODS:
-        raise ValueError(f"peft method {method!r} is not supported: expected one of {PEFT_METHODS}")
+    spec = get_method(method)
     config = {k: _plain(v) for k, v in config.items()}
-    if method == "none":
-        if config:
-            raise ValueError(f"peft method 'none' (full fine-tuning) takes no options, got {sorted(config)}")
-        return model
-    if method in ("houlsby", "pfeiffer"):
-        from fish_lightning.adapters.bottleneck import add_adapters
-
-        return add_adapters(model, style=method, **config)
-
-    import peft
-
-    if method == "dora":
-        _force(config, "use_dora", True, method)
-    elif method == "rslora":
-        _force(config, "use_rslora", True, method)
-    elif method == "pissa":
+    if spec.build is not None:
+        return spec.build(model, **config)
+    for key, value in spec.forced.items():
+        _force(config, key, value, method)
+    if method == "pissa":
         init = config.setdefault("init_lora_weights", "pissa")
         if not (isinstance(init, str) and (init == "pissa" or init.startswith("pissa_niter_"))):
             raise ValueError(f"peft method 'pissa' needs init_lora_weights='pissa' or 'pissa_niter_<k>', got {init!r}")
+    import peft
+
     config.setdefault("task_type", "SEQ_CLS")
-    config_cls = getattr(peft, _PEFT_CONFIGS[method])
-    return peft.get_peft_model(model, config_cls(**config))
-
-
-_PEFT_CONFIGS = {
-    "lora": "LoraConfig",
-    "dora": "LoraConfig",
-    "rslora": "LoraConfig",
-    "pissa": "LoraConfig",
-    "adalora": "AdaLoraConfig",
-    "ia3": "IA3Config",
-    "loha": "LoHaConfig",
-    "lokr": "LoKrConfig",
-    "vera": "VeraConfig",
-}
+    return peft.get_peft_model(model, getattr(peft, spec.peft_config)(**config))
 
 
 def _plain(value: Any) -> Any:
@@ -186,14 +136,14 @@ def _force(config: dict[str, Any], key: str, value: Any, method: str) -> None:
 def build_peft_model(
     build_base: Callable[[], nn.Module], wrap: Callable[[nn.Module], nn.Module], method: str, seed: int
 ) -> nn.Module:
-    """The model of a run: ``wrap(build_base())`` (e.g. :func:`apply_peft`), then, for the methods of
-    :data:`~fish_lightning.adapters.seeded_init.SEEDED_METHODS`, the adapter initialised from per-tensor seeds
+    """The model of a run: ``wrap(build_base())`` (e.g. :func:`apply_peft`), then, for the methods the registry
+    marks ``seeded`` (:mod:`~fish_lightning.adapters.peft_methods`), the adapter initialised from per-tensor seeds
     (:func:`~fish_lightning.adapters.seeded_init.seeded_init_`: reproducible, exportable sparsely). Used by
     ``fish-train`` and ``fish-cli``."""
-    from fish_lightning.adapters.seeded_init import SEEDED_METHODS, seeded_init_
+    from fish_lightning.adapters.seeded_init import seeded_init_
 
     model = wrap(build_base())
-    if method in SEEDED_METHODS:
+    if REGISTRY[method].seeded:
         seeded_init_(model, seed)
     return model
 

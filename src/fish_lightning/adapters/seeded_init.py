@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fish_lightning.adapters.peft_methods import REGISTRY
+
 SUPPORTED_INITS = (True, False, "gaussian")
 #: peft methods whose adapters the apps (fish-train, fish-cli) initialise from per-tensor seeds
-SEEDED_METHODS = ("lora", "dora", "rslora")
+SEEDED_METHODS = tuple(n for n, m in REGISTRY.items() if m.seeded)
 """``LoraConfig.init_lora_weights`` values :func:`seeded_init_` reproduces."""
 
 _SEED_ATTR = "_fish_init_seed"

@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fish_lightning.adapters.models import build_peft_model, count_trainable
+from fish_lightning.adapters.peft_methods import REGISTRY, offered
 from fish_lightning.app.artifacts import save_artifacts
 from fish_lightning.app.causal_lm import CausalLM
 from fish_lightning.app.checkpointing import checkpoint_callbacks, resume_path
@@ -37,6 +38,7 @@ from fish_lightning.app.quiet import quiet_start
 from fish_lightning.callback.fisher_mask import FisherMaskCallback
 from fish_lightning.core.budget import count_candidates, match_kept, sparsity_for_kept
 from fish_lightning.core.candidates import find_candidates
+from fish_lightning.core.selection import SCORERS
 from fish_lightning.masker.settings import FishSettings
 
 log = logging.getLogger("fish_lightning")
@@ -103,12 +105,13 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"budget.r={r} and budget.kept={kept} are both set: set at most one")
     if (r is not None or kept is not None) and not fish_enabled(cfg):
         raise ConfigError(
-            f"budget (r={r}, kept={kept}) needs a FISH mask, but fish=off: choose fish=fisher|random|reverse"
+            f"budget (r={r}, kept={kept}) needs a FISH mask, but fish=off: choose fish={'|'.join(SCORERS)}"
         )
     if r is not None and ("r" not in cfg.peft or isinstance(r, bool) or not isinstance(r, int) or r < 1):
         raise ConfigError(
             f"budget.r={r!r} needs an integer >= 1 and a peft method with a rank option `r` "
-            f"(lora, dora, rslora, pissa, loha, lokr, vera; peft={cfg.peft.get('method')!r} has none: use budget.kept)"
+            f"({', '.join(n for n in offered() if REGISTRY[n].ranked)}; peft={cfg.peft.get('method')!r} has none: "
+            "use budget.kept)"
         )
     if kept is not None and (isinstance(kept, bool) or not isinstance(kept, int) or kept < 1):
         raise ConfigError(f"budget.kept={kept!r} must be an integer >= 1")
