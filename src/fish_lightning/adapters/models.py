@@ -21,7 +21,6 @@ PEFT_METHODS = (
     "dora",
     "rslora",
     "pissa",
-    "adalora",
     "ia3",
     "loha",
     "lokr",
@@ -29,6 +28,10 @@ PEFT_METHODS = (
     "houlsby",
     "pfeiffer",
 )
+
+#: Why ``"adalora"`` is not a method here (see :func:`fish_lightning.core.candidates.check_supported`).
+ADALORA_REFUSED = ("peft method 'adalora' is not supported with FISH: AdaLoRA's rank allocator prunes entries FISH "
+                   "keeps frozen; use one of " + ", ".join(PEFT_METHODS))  # fmt: skip
 
 #: method -> regex (``re.search``) matching the names of the tensors the method adds, which are
 #: its default FISH candidates (peft adapter name ``default``); ``None``: every weight (full fine-tuning).
@@ -62,8 +65,45 @@ def minilm_path() -> str:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``"minilm"`` -> the packaged MiniLM directory; anything else is passed to ``from_pretrained``."""
-    return minilm_path() if name_or_path == "minilm" else name_or_path
+    """``"minilm"`` -> the packaged MiniLM directory; anything else is passed to ``from_pretrained``, after
+    :func:`check_hub_reachable` (a hub id that cannot load fails in seconds instead of after minutes of retries)."""
+    if name_or_path == "minilm":
+        return minilm_path()
+    check_hub_reachable(name_or_path)
+    return name_or_path
+
+
+def check_hub_reachable(name_or_path: str, timeout: float = 3.0) -> None:
+    """Raise ``ValueError`` when ``name_or_path`` is a hub id that cannot load: not a local folder, not in the
+    Hugging Face cache, and the hub is off (``HF_HUB_OFFLINE``) or its host does not answer within ``timeout`` s.
+    Behind a proxy (``HTTPS_PROXY``) the host is not probed."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")):
+        return  # a local path: from_pretrained names it if it is not a model folder
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = any(isinstance(try_to_load_from_cache(name_or_path, f), str)
+                     for f in ("config.json", "tokenizer_config.json"))  # fmt: skip
+    except ValueError:  # not a valid repo id: from_pretrained says so
+        return
+    if cached:
+        return
+    hint = ("use model=minilm (packaged, offline), a local model folder, or load it once with a network (the "
+            "Hugging Face cache then serves it offline)")  # fmt: skip
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise ValueError(f"model {name_or_path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {hint}")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError as err:
+        raise ValueError(f"model {name_or_path!r} is not in the Hugging Face cache and {endpoint.geturl()} cannot be "
+                         f"reached ({err.strerror or err}): {hint}") from None  # fmt: skip
 
 
 def build_sequence_classifier(
@@ -117,15 +157,16 @@ def apply_peft(model: nn.Module, method: str = "lora", **config: Any) -> nn.Modu
     - ``"none"``: returns ``model`` unchanged (full fine-tuning: FISH over all weights, head included).
     - ``"lora"``, ``"dora"`` (``use_dora=True``), ``"rslora"`` (``use_rslora=True``), ``"pissa"``
       (``init_lora_weights="pissa"`` unless a ``"pissa_niter_<k>"`` variant is given): ``peft.LoraConfig``.
-    - ``"adalora"``, ``"ia3"``, ``"loha"``, ``"lokr"``, ``"vera"``: the matching peft config
-      (``AdaLoraConfig`` needs ``total_step``; FISH refuses AdaLoRA, see
-      :func:`fish_lightning.core.candidates.check_supported`).
+    - ``"ia3"``, ``"loha"``, ``"lokr"``, ``"vera"``: the matching peft config.
+    - ``"adalora"`` is refused (:data:`ADALORA_REFUSED`) before peft sees it.
     - ``"houlsby"``, ``"pfeiffer"``: our bottleneck adapters, :func:`fish_lightning.adapters.bottleneck.add_adapters`.
 
     ``config`` goes to that config class / function. peft methods default to
     ``task_type="SEQ_CLS"``, with which peft keeps the classifier head trainable as a whole
     (``modules_to_save``); our adapters keep and mark it themselves.
     """
+    if method == "adalora":
+        raise ValueError(ADALORA_REFUSED)
     if method not in PEFT_METHODS:
         raise ValueError(f"peft method {method!r} is not supported: expected one of {PEFT_METHODS}")
     config = {k: _plain(v) for k, v in config.items()}
@@ -158,7 +199,6 @@ _PEFT_CONFIGS = {
     "dora": "LoraConfig",
     "rslora": "LoraConfig",
     "pissa": "LoraConfig",
-    "adalora": "AdaLoraConfig",
     "ia3": "IA3Config",
     "loha": "LoHaConfig",
     "lokr": "LoKrConfig",
