@@ -234,7 +234,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                               "primary_metric_mode": mode, "resumed_from": ckpt_path, **budget_info}  # fmt: skip
     record.update(_counts(fish, count_trainable(model)))
     if trainer.is_global_zero:
-        record["artifacts"] = save_artifacts(out_dir, module, fish, export=bool(cfg.get("export")))
+        label = f"{cfg.data.task} · {method_label(cfg)}"
+        record["artifacts"] = save_artifacts(out_dir, module, fish, export=bool(cfg.get("export")), label=label)
         if "export" in record["artifacts"]:
             record["export"] = record["artifacts"].pop("export")
     return record
