@@ -137,15 +137,14 @@ def quiet_restored():
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hub_bars = not are_progress_bars_disabled()
-    levels = {name: logging.getLogger(name).level for name in quiet._RANK_ZERO_LOGGERS}
     yield
     hf_logging.set_verbosity(verbosity)
     if bars:
         hf_logging.enable_progress_bar()
     if hub_bars:
         enable_progress_bars()
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
+    for name in quiet._RANK_ZERO_LOGGERS:
+        logging.getLogger(name).removeFilter(quiet.OWN_INFO_ONLY)
     quiet._done = False
 
 

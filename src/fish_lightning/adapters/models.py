@@ -92,8 +92,8 @@ def check_hub_reachable(name_or_path: str, timeout: float = 3.0) -> None:
         return
     if cached:
         return
-    hint = ("use model=minilm (packaged, offline), a local model folder, or load it once with a network (the "
-            "Hugging Face cache then serves it offline)")  # fmt: skip
+    hint = ("use model=minilm (packaged, offline; for causal LMs a random model=tiny_llama), a local model folder, "
+            "or load it once with a network (the Hugging Face cache then serves it offline)")  # fmt: skip
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise ValueError(f"model {name_or_path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {hint}")
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
