@@ -365,11 +365,6 @@ def _portable(text: str) -> str:
 
 def plot_per_task(stage: Path, out: Path) -> None:
     """``results_<task>.png``: the task metric per method, mean ± std over seeds (bars in run order)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     by_task: dict[str, dict[str, list[float]]] = {}
     for res in sorted(stage.glob("*/*/seed*/results.json")):
         rec = json.loads(res.read_text())
@@ -378,23 +373,42 @@ def plot_per_task(stage: Path, out: Path) -> None:
         metric = METRIC.get(rec["task"], rec["primary_metric"])
         by_task.setdefault(rec["task"], {}).setdefault(rec["method"], []).append(rec["metrics"][metric])
     for task, table in by_task.items():
-        names = list(table)
-        means = [statistics.mean(table[n]) for n in names]
-        stds = [statistics.stdev(table[n]) if len(table[n]) > 1 else 0.0 for n in names]
-        colors = ["#888" if "+" not in n else "#1f77b4" if "fisher" in n else "#2ca02c" if "normalized" in n
-                  else "#ff7f0e" if "random" in n else "#d62728" for n in names]  # fmt: skip
-        fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 3.6))
-        ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=4)
-        ax.axhline(TRIVIAL.get(task, 0.0), color="k", lw=0.8, ls=":", label="trivial predictor")
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_ylabel(METRIC.get(task, "metric"))
-        ax.set_title(f"{task}: mean ± std over seeds (dev)")
-        lo = min(min(m - s for m, s in zip(means, stds)), TRIVIAL.get(task, 0.0))
-        ax.set_ylim(max(-1.0, lo - 0.05), max(m + s for m, s in zip(means, stds)) + 0.03)
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
+        fig = task_bar_figure(task, table)
         fig.savefig(out / f"results_{task}.png", dpi=110)
-        plt.close(fig)
+        fig.clf()
+
+
+def task_bar_figure(task: str, table: dict[str, list[float]]):
+    """One task's bars: mean ± std over seeds per method, the axis from 0 (or below, for a negative score) so that
+    bar heights compare, each mean written on its bar, the trivial predictor as a dotted line, the legend beside
+    the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    names = list(table)
+    means = [statistics.mean(table[n]) for n in names]
+    stds = [statistics.stdev(table[n]) if len(table[n]) > 1 else 0.0 for n in names]
+    colors = ["#888" if "+" not in n else "#1f77b4" if "fisher" in n else "#2ca02c" if "normalized" in n
+              else "#ff7f0e" if "random" in n else "#d62728" for n in names]  # fmt: skip
+    fig = Figure(figsize=(1.1 * len(names) + 3.6, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    bars = ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=4)
+    span = max(m + s for m, s in zip(means, stds)) - min(0.0, *(m - s for m, s in zip(means, stds)))
+    for bar, m, s in zip(bars, means, stds):  # each mean just beyond its error bar
+        up = m >= 0
+        ax.text(bar.get_x() + bar.get_width() / 2, (m + s) if up else (m - s), f"{m:.3f}", fontsize=8,
+                ha="center", va="bottom" if up else "top")  # fmt: skip
+    ax.axhline(TRIVIAL.get(task, 0.0), color="k", lw=0.8, ls=":", label="trivial predictor")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(METRIC.get(task, "metric"))
+    ax.set_title(f"{task}: mean ± std over seeds (dev)")
+    lo = min(0.0, *(m - s for m, s in zip(means, stds)))
+    ax.set_ylim(max(-1.0, lo - 0.12 * span) if lo < 0 else 0.0, max(m + s for m, s in zip(means, stds)) + 0.12 * span)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def test_group_options_exist():
     assert {"off", "fisher", "random", "reverse"} <= set(options("fish"))
     assert {"sst2", "cola", "mrpc", "rte", "stsb", "qnli", "tweets"} <= set(options("data"))
     assert {"csv", "tensorboard"} <= set(options("logger"))
-    assert {"smoke", "sst2_lora_fish", "budget_matched"} <= set(options("experiment"))
+    assert {"smoke", "tiny", "sst2_lora_fish", "budget_matched"} <= set(options("experiment"))
 
 
 @pytest.mark.parametrize("opt", options("model"))
@@ -144,7 +144,7 @@ def _cli(args, tmp_path, entry="fish-train", **env_extra):
 
 
 def test_smoke_experiment_through_fish_train(tmp_path):
-    proc = _cli(["experiment=smoke", "export=true", "fish.rewind_frozen=true", f"hydra.run.dir={tmp_path}/run"],
+    proc = _cli(["experiment=tiny", "export=true", "fish.rewind_frozen=true", f"hydra.run.dir={tmp_path}/run"],
                 tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -160,7 +160,7 @@ def test_smoke_experiment_through_fish_train(tmp_path):
 
 def test_two_by_two_multirun_then_report(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _cli(["-m", "experiment=smoke", "fish=fisher,random", "fish.sparsity=0.5,0.9", "trainer.max_epochs=2",
+    proc = _cli(["-m", "experiment=tiny", "fish=fisher,random", "fish.sparsity=0.5,0.9", "trainer.max_epochs=2",
                  "data.train_samples=96", "data.val_samples=64", f"hydra.sweep.dir={sweep}"], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(sweep.glob("*/results.json"))) == 4
@@ -230,7 +230,7 @@ def test_unknown_group_option_names_choices(tmp_path):
 def test_scripts_train_py_runs_smoke(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
     env = dict(os.environ, FISH_CACHE_DIR=str(tmp_path / "cache"), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(script), "experiment=smoke", "data.train_samples=64",
+    proc = subprocess.run([sys.executable, str(script), "experiment=tiny", "data.train_samples=64",
                            "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/run"],
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -238,7 +238,7 @@ def test_scripts_train_py_runs_smoke(tmp_path):
 
 
 # ------------------------------------------------------------------ artifacts, checkpoints, resume (issue 16)
-KEEP = ["experiment=smoke", "data.train_samples=64", "data.val_samples=32", "data.batch_size=16",
+KEEP = ["experiment=tiny", "data.train_samples=64", "data.val_samples=32", "data.batch_size=16",
         "checkpoint.every_n_train_steps=3", "trainer.deterministic=true",
         "trainer.enable_progress_bar=false"]  # fmt: skip
 # 4 batches an epoch, 2 epochs; FISH freezes at the start of epoch 1 (global step 4); checkpoints at steps 3, 6, ...

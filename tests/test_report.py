@@ -226,7 +226,7 @@ def test_anatomy_panel_per_method_and_sparsity_from_mask_stats(sweep: Path, tmp_
     ]
     (_, first), (_, second) = panels[0]
     assert first["n"] == 1 and second["n"] == 2 and second["kept"][0] == [21, 100] and second["total"][0] == [200, 200]
-    assert second["density"][0][0] == pytest.approx(21 / 200) and "2 seed(s)" in panels[0][1][0]
+    assert second["density"][0][0] == pytest.approx(21 / 200) and "2 seeds" in panels[0][1][0]
     paths = write_report(sweep, tmp_path / "out")
     png = paths[ANATOMY].read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000

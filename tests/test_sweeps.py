@@ -1,6 +1,6 @@
 """Sweeps beyond one process: joblib, submitit (local) and Optuna multiruns of fish-train, then fish-report.
 
-Each sweep is 2 jobs of the smoke experiment on 64 tweets; the SLURM config is checked up to the sbatch script.
+Each sweep is 2 jobs of the tiny experiment on 64 tweets; the SLURM config is checked up to the sbatch script.
 The Optuna sweep runs its 2 trials at once on the joblib workers the joblib test started (or starts them itself).
 """
 
@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from fish_lightning.app.report import build_report
 from fish_lightning.app.sweeps import TorchThreads, available_cpus
 
-TINY = ["experiment=smoke", "data.train_samples=64", "data.val_samples=32", "fish.warmup_steps=2",
+TINY = ["experiment=tiny", "data.train_samples=64", "data.val_samples=32", "fish.warmup_steps=2",
         "trainer.enable_progress_bar=false", "logger=none"]  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fish_lightning.adapters.models import apply_peft
+from fish_lightning.adapters.models import apply_peft, resolve_model_path
 from fish_lightning.adapters.peft_methods import REGISTRY, get_method, offered
 
 #: ``config.model_type`` -> names (suffixes) of the linear projections of each block: attention and
@@ -75,7 +75,7 @@ def build_causal_lm(
     if not name_or_path:
         raise ValueError("build_causal_lm needs name_or_path (hub id or directory) or tiny_config")
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
 
 
 def _bnb_config(quantization: str, compute_dtype: torch.dtype | None) -> Any:
@@ -112,7 +112,7 @@ def _build_quantized(
     if tiny_config is None:
         if not name_or_path:
             raise ValueError("build_causal_lm needs name_or_path (hub id or directory) or tiny_config")
-        return _no_cpu_repacking(AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs))
+        return _no_cpu_repacking(AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs))
     model = build_causal_lm(tiny_config=tiny_config, seed=seed)  # fp32 random weights, then quantized on load
     with tempfile.TemporaryDirectory(prefix="fish-quant-") as tmp:
         model.save_pretrained(tmp)

@@ -15,12 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fish_lightning.adapters.peft_methods import REGISTRY, get_method, offered
+from fish_lightning.adapters.peft_methods import REGISTRY, get_method, offered, refusal
 
 #: the methods the apps build (the registry's, without the refused ones; see :mod:`.peft_methods`)
 PEFT_METHODS = offered()
 #: method -> regex of the tensors it adds (its default FISH candidates); ``None``: every weight
 ADDED_TENSORS: dict[str, str | None] = {n: m.added for n, m in REGISTRY.items()}
+#: why ``"adalora"`` is not offered (see :func:`fish_lightning.core.candidates.check_supported`)
+ADALORA_REFUSED = refusal("adalora")
 
 
 def minilm_path() -> str:
@@ -37,8 +39,45 @@ def minilm_path() -> str:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``"minilm"`` -> the packaged MiniLM directory; anything else is passed to ``from_pretrained``."""
-    return minilm_path() if name_or_path == "minilm" else name_or_path
+    """``"minilm"`` -> the packaged MiniLM directory; anything else is passed to ``from_pretrained``, after
+    :func:`check_hub_reachable` (a hub id that cannot load fails in seconds instead of after minutes of retries)."""
+    if name_or_path == "minilm":
+        return minilm_path()
+    check_hub_reachable(name_or_path)
+    return name_or_path
+
+
+def check_hub_reachable(name_or_path: str, timeout: float = 3.0) -> None:
+    """Raise ``ValueError`` when ``name_or_path`` is a hub id that cannot load: not a local folder, not in the
+    Hugging Face cache, and the hub is off (``HF_HUB_OFFLINE``) or its host does not answer within ``timeout`` s.
+    Behind a proxy (``HTTPS_PROXY``) the host is not probed."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")):
+        return  # a local path: from_pretrained names it if it is not a model folder
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = any(isinstance(try_to_load_from_cache(name_or_path, f), str)
+                     for f in ("config.json", "tokenizer_config.json"))  # fmt: skip
+    except ValueError:  # not a valid repo id: from_pretrained says so
+        return
+    if cached:
+        return
+    hint = ("use model=minilm (packaged, offline; for causal LMs a random model=tiny_llama), a local model folder, "
+            "or load it once with a network (the Hugging Face cache then serves it offline)")  # fmt: skip
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise ValueError(f"model {name_or_path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {hint}")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError as err:
+        raise ValueError(f"model {name_or_path!r} is not in the Hugging Face cache and {endpoint.geturl()} cannot be "
+                         f"reached ({err.strerror or err}): {hint}") from None  # fmt: skip
 
 
 def build_sequence_classifier(

@@ -70,10 +70,16 @@ def get_method(name: str, decoder: bool = False) -> PeftMethod:
     if method is None:
         raise ValueError(f"peft method {name!r} is not supported{where}: expected one of {valid}")
     if method.refused is not None:
-        raise ValueError(f"peft method {name!r} is refused: {method.refused}; use one of {valid}")
+        raise ValueError(refusal(name))
     if decoder and not method.decoder:
         raise ValueError(f"peft method {name!r} is not supported{where}: expected one of {valid}")
     return method
+
+
+def refusal(name: str) -> str:
+    """The one-line refusal of a registered method FISH cannot mask."""
+    return (f"peft method {name!r} is not supported with FISH: {REGISTRY[name].refused}; use one of "
+            f"{', '.join(offered())}")  # fmt: skip
 
 
 def _bottleneck(style: str) -> Callable[..., nn.Module]:
@@ -106,8 +112,7 @@ for _m in (
     PeftMethod("pissa", "PiSSA: LoRA initialised from the principal singular vectors", LORA_AB, "LoraConfig",
                decoder=True, ranked=True),
     PeftMethod("adalora", "AdaLoRA (peft.AdaLoraConfig)", r"\.lora_[ABE]\.default$", "AdaLoraConfig",
-               refused="AdaLoRA prunes its own rank budget in place (update_and_allocate), which conflicts with a "
-                       "fixed FISH mask"),
+               refused="AdaLoRA's rank allocator prunes entries FISH keeps frozen (update_and_allocate)"),
     PeftMethod("ia3", "IA3: learned rescaling vectors (peft.IA3Config)", r"\.ia3_l\.default$", "IA3Config"),
     PeftMethod("loha", "LoHa: Hadamard-product low rank (peft.LoHaConfig)", r"\.hada_w[12]_[ab]\.default$",
                "LoHaConfig", ranked=True),

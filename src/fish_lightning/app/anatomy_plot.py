@@ -5,13 +5,15 @@ Input is the aggregation of :func:`fish_lightning.core.anatomy.mask_anatomy` as 
 layers). Needs only matplotlib (Agg backend) and the standard library: ``fish-report`` draws with it, torch-free.
 
 - :func:`anatomy_figure` / :func:`write_anatomy_png`: one run's ``mask_anatomy.png``.
-- :func:`write_anatomy_panels`: several runs side by side (``fish-report``'s ``anatomy.png``).
+- :func:`anatomy_panels_figure` / :func:`write_anatomy_panels`: several runs on a grid (``fish-report``'s
+  ``anatomy.png``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,14 +109,26 @@ def write_anatomy_png(anatomy: Mapping[str, Any], path: str | os.PathLike[str], 
 def write_anatomy_panels(
     panels: Sequence[Sequence[tuple[str, Mapping[str, Any] | None]]], path: str | os.PathLike[str]
 ) -> None:
-    """Panels on a grid, ``panels[row][col] = (title, anatomy)`` (``None``: an empty slot), one shared colour scale."""
+    """Save :func:`anatomy_panels_figure` as a PNG."""
+    fig = anatomy_panels_figure(panels)
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+
+
+def anatomy_panels_figure(panels: Sequence[Sequence[tuple[str, Mapping[str, Any] | None]]]) -> Any:
+    """Panels on a grid, ``panels[row][col] = (title, anatomy)`` (``None``: an empty slot), one shared colour scale.
+    Titles are wrapped to their panel's width, and every panel gets room for its title's lines."""
     plt = _plt()
     n_rows = len(panels)
     n_cols = max(len(row) for row in panels)
     present = [a for row in panels for _, a in row if a is not None]
     width = max(_layout(a)[0] + _label_room(a)[1] for a in present)
-    height = max(_layout(a)[1] + _label_room(a)[0] for a in present) + 0.8
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols + 1.2, height * n_rows), squeeze=False)
+    chars = max(24, int(width / 0.068))  # characters of a 8-pt title line that fit the panel
+    titles = [[_wrap(t, chars) for t, _ in row] for row in panels]
+    title_lines = max(t.count("\n") + 1 for row in titles for t in row)
+    height = max(_layout(a)[1] + _label_room(a)[0] for a in present) + 0.35 + 0.16 * title_lines
+    fig_w = width * n_cols + 1.2
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(fig_w, height * n_rows), squeeze=False)
     image = None
     for r in range(n_rows):
         for c in range(n_cols):
@@ -122,10 +136,15 @@ def write_anatomy_panels(
             if c >= len(panels[r]) or panels[r][c][1] is None:
                 ax.set_visible(False)
                 continue
-            title, anatomy = panels[r][c]
-            image = draw_anatomy(ax, anatomy, title, colorbar=False)
-    fig.tight_layout(rect=(0, 0, 1 - 0.9 / (width * n_cols + 1.2), 1))
+            image = draw_anatomy(ax, panels[r][c][1], titles[r][c], colorbar=False)
+            ax.title.set_fontsize(8)
+            if c > 0:
+                ax.set_ylabel("")
+    fig.tight_layout(rect=(0, 0, 1 - 0.9 / fig_w, 1))
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), label="density (kept / entries)", fraction=0.03, pad=0.01)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def _wrap(title: str, chars: int) -> str:
+    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in title.splitlines())

@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from fish_lightning.adapters.export import save_mask, save_sparse
-from fish_lightning.app.anatomy_plot import ANATOMY_PNG, write_anatomy_png
+from fish_lightning.app.anatomy_plot import ANATOMY_PNG, title_of, write_anatomy_png
 from fish_lightning.callback.fisher_mask import FisherMaskCallback
 from fish_lightning.core.anatomy import by_kind, mask_anatomy
 from fish_lightning.core.selection import density_report
@@ -58,10 +58,15 @@ def save_model(model: nn.Module, run_dir: Path) -> str:
 
 
 def save_artifacts(
-    run_dir: Path, module: pl.LightningModule, fish: FisherMaskCallback | None, export: bool = False
+    run_dir: Path,
+    module: pl.LightningModule,
+    fish: FisherMaskCallback | None,
+    export: bool = False,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Write the run's artifacts (module doc) and return ``{kind: file or folder name}``, plus
-    ``"export"`` (the sparse export's size report) with ``export``."""
+    ``"export"`` (the sparse export's size report) with ``export``. ``label`` (e.g. ``"sst2 · lora-r8+fisher"``)
+    heads the anatomy figure's title, before the sparsity and the kept count."""
     out: dict[str, Any] = {"model": save_model(module.model, run_dir)}
     if fish is None or fish.masks is None:
         return out
@@ -73,7 +78,8 @@ def save_artifacts(
     anatomy = mask_anatomy({n: int(m.sum()) for n, m in masks.items()}, {n: m.numel() for n, m in masks.items()})
     stats.update(anatomy=anatomy, by_kind=by_kind(anatomy))
     (run_dir / "mask_stats.json").write_text(json.dumps(stats, indent=1))
-    write_anatomy_png(anatomy, run_dir / ANATOMY_PNG)
+    head = " · ".join(x for x in (label or fish.settings.selection, f"sparsity {fish.sparsity:g}") if x)
+    write_anatomy_png(anatomy, run_dir / ANATOMY_PNG, title=title_of(anatomy, prefix=f"{head}\n"))
     out["anatomy"] = ANATOMY_PNG
     if export:
         exp = save_sparse(module, fish.masks, run_dir / SPARSE_FILE)

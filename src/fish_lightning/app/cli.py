@@ -23,7 +23,8 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from fish_lightning.adapters.models import apply_peft, build_peft_model, build_sequence_classifier
 from fish_lightning.app.classification_data import TextClassificationData
 from fish_lightning.app.classifier import SequenceClassifier
-from fish_lightning.app.errors import config_error
+from fish_lightning.app.errors import config_error, missing_extra, one_line
+from fish_lightning.app.quiet import TRAINER_DEFAULTS, quiet_start, show_fish_lines
 
 
 class PeftSequenceClassifier(SequenceClassifier):
@@ -87,18 +88,28 @@ class FishCLI(LightningCLI):
         except ValueError as err:  # our constructors' messages name the bad value and what would be valid
             # the deepest one: the constructor's own, under jsonargparse's wrappers (which list every type of a
             # Union the value failed, e.g. for trainer.callbacks)
-            raise CLIConfigError(str(config_error(err, innermost=True))) from err
+            ours = config_error(err, innermost=True)
+            if ours is None:  # not one of fish's refusals: keep the traceback
+                raise
+            raise CLIConfigError(one_line(ours)) from err
 
 
 def cli_main(args: ArgsType = None, run: bool = True, **kwargs: Any) -> FishCLI:
     """Build (and with ``run=True`` run the subcommand of) :class:`FishCLI`; ``args`` as for ``LightningCLI``."""
     kwargs.setdefault("seed_everything_default", 0)
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    kwargs["trainer_defaults"] = {**TRAINER_DEFAULTS, **(kwargs.get("trainer_defaults") or {})}
     return FishCLI(PeftSequenceClassifier, TextClassificationData, args=args, run=run, **kwargs)
 
 
 def main(args: ArgsType = None) -> None:
     """Console entry ``fish-cli``: a refused value exits with status 2 and one ``fish-cli: error: ...`` line."""
+    problem = missing_extra("jsonargparse")
+    if problem:
+        print(f"fish-cli: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    quiet_start()
+    show_fish_lines()
     try:
         cli_main(args)
     except CLIConfigError as err:

@@ -83,9 +83,15 @@ def _merge_anatomies(grids: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "n": len(same)}  # fmt: skip
 
 
-def anatomy_panels(root: Path, runs: Sequence[dict[str, Any]]) -> list[list[tuple[str, dict[str, Any]]]]:
-    """Mask-anatomy panels of the ok runs with a ``mask_stats.json`` anatomy: one row per task, method and setting
-    (the group without ``fish.sparsity``), one column per sparsity; the seeds of a panel are summed."""
+def anatomy_panels(
+    root: Path, runs: Sequence[dict[str, Any]]
+) -> list[list[tuple[str, dict[str, Any] | None]]]:
+    """Mask-anatomy panels of the ok runs with a ``mask_stats.json`` anatomy, each titled with task, method,
+    sparsity, the settings that tell it apart and the kept count; the seeds of a panel are summed.
+
+    A sweep over sparsity: one row per task, method and setting (the group without ``fish.sparsity``), one column
+    per sparsity. Runs with one sparsity each (e.g. a budget-matched study): one row per task, one column per
+    method, so the panels form a grid instead of one long column."""
     cells: dict[tuple[str, str, str], dict[float | None, list[dict[str, Any]]]] = {}
     for run in runs:
         if run["status"] != "ok":
@@ -96,20 +102,30 @@ def anatomy_panels(root: Path, runs: Sequence[dict[str, Any]]) -> list[list[tupl
         rest = " ".join(t for t in (run["group"] or "").split() if not t.lstrip("+~").startswith("fish.sparsity="))
         key = (run["task"] or UNKNOWN, run["method"] or UNKNOWN, rest)
         cells.setdefault(key, {}).setdefault(run["sparsity"], []).append(anatomy)
-    rows = []
+    common = set.intersection(*(set(rest.split()) for _, _, rest in cells)) if len(cells) > 1 else set()
+    titled: dict[tuple[str, str, str], list[tuple[str, dict[str, Any] | None]]] = {}
     for task, method, rest in sorted(cells):
-        row = []
+        row: list[tuple[str, dict[str, Any] | None]] = []
         by_sparsity = cells[(task, method, rest)]
+        named = {f"data={task}", f"fish={method.rsplit('+', 1)[-1]}"}  # already in the title's first line
+        setting = " ".join(t for t in rest.split() if t not in common and t not in named)
         for sparsity in sorted(by_sparsity, key=lambda s: (s is None, s or 0.0)):
             merged = _merge_anatomies(by_sparsity[sparsity])
             kept = sum(map(sum, merged["kept"]))
             total = sum(map(sum, merged["total"]))
             head = f"{task} · {method} · sparsity {'n/a' if sparsity is None else f'{sparsity:g}'}"
-            setting = f"\n{rest}" if rest else ""
             density = f"{kept / total:.3g}" if total else "n/a"
-            row.append((f"{head}{setting}\nkept {kept:,} of {total:,} (density {density}), {merged['n']} seed(s)",
-                        merged))  # fmt: skip
-        rows.append(row)
+            seeds = f", {merged['n']} seeds" if merged["n"] > 1 else ""
+            lines = [head, setting, f"kept {kept:,} of {total:,} (density {density}){seeds}"]
+            row.append(("\n".join(line for line in lines if line), merged))
+        titled[(task, method, rest)] = row
+    rows = list(titled.values())
+    pairs = [(task, method) for task, method, _ in titled]
+    if len(rows) > 1 and all(len(row) == 1 for row in rows) and len(set(pairs)) == len(pairs):
+        tasks = sorted({t for t, _ in pairs})
+        methods = sorted({m for _, m in pairs})
+        by_pair = {pair: row[0] for pair, row in zip(pairs, rows)}
+        rows = [[by_pair.get((t, m), ("", None)) for m in methods] for t in tasks]
     return rows
 
 

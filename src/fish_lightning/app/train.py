@@ -15,6 +15,8 @@ import logging
 import sys
 import time
 import traceback
+from dataclasses import fields
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +28,13 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fish_lightning.adapters.models import build_peft_model, count_trainable
+from fish_lightning.adapters.models import ADALORA_REFUSED, PEFT_METHODS, build_peft_model, count_trainable
 from fish_lightning.adapters.peft_methods import REGISTRY, offered
 from fish_lightning.app.artifacts import save_artifacts
 from fish_lightning.app.causal_lm import CausalLM
 from fish_lightning.app.checkpointing import checkpoint_callbacks, resume_path
 from fish_lightning.app.classifier import SequenceClassifier
-from fish_lightning.app.errors import ConfigError, config_error
+from fish_lightning.app.errors import ConfigError, config_error, missing_extra, one_line
 from fish_lightning.app.instruction_data import InstructionData
 from fish_lightning.app.quiet import quiet_start
 from fish_lightning.callback.fisher_mask import FisherMaskCallback
@@ -98,7 +100,35 @@ def method_label(cfg: DictConfig) -> str:
     return f"{label}+{cfg.fish.selection}" if fish_enabled(cfg) else label
 
 
+#: trainer options that must be integers (None allowed): a wrong type fails here, not deep inside Lightning
+_TRAINER_INTS = {"max_epochs": " (-1: no limit)", "max_steps": " (-1: no limit)", "min_epochs": "",
+                 "accumulate_grad_batches": " >= 1", "log_every_n_steps": " >= 1"}  # fmt: skip
+
+
+def _check_types(cfg: DictConfig) -> None:
+    """Names, types and methods that fail later with a traceback: one line each, naming the key."""
+    for key, valid in _TRAINER_INTS.items():
+        value = cfg.trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"trainer.{key}={value!r} is not valid: expected an integer{valid}")
+    method = cfg.peft.get("method")
+    if not is_decoder_peft(cfg) and method not in PEFT_METHODS:
+        valid = ", ".join(PEFT_METHODS)
+        raise ConfigError(ADALORA_REFUSED if method == "adalora" else
+                          f"peft.method={method!r} is not valid: expected one of {valid}")  # fmt: skip
+    if (cfg.model.get("net") or {}).get("quantization") and (problem := missing_extra("bitsandbytes")):
+        raise ConfigError(problem)
+    if fish_enabled(cfg):
+        valid = {f.name for f in fields(FishSettings)}
+        for key in cfg.fish:
+            if key != "_target_" and key not in valid:
+                close = get_close_matches(str(key), sorted(valid), n=1)
+                hint = f"did you mean fish.{close[0]}? " if close else ""
+                raise ConfigError(f"fish.{key} is not a FISH setting: {hint}valid: {', '.join(sorted(valid))}")
+
+
 def _validate(cfg: DictConfig) -> None:
+    _check_types(cfg)
     budget = cfg.get("budget") or {}
     r, kept = budget.get("r"), budget.get("kept")
     if r is not None and kept is not None:
@@ -207,7 +237,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                               "primary_metric_mode": mode, "resumed_from": ckpt_path, **budget_info}  # fmt: skip
     record.update(_counts(fish, count_trainable(model)))
     if trainer.is_global_zero:
-        record["artifacts"] = save_artifacts(out_dir, module, fish, export=bool(cfg.get("export")))
+        label = f"{cfg.data.task} · {method_label(cfg)}"
+        record["artifacts"] = save_artifacts(out_dir, module, fish, export=bool(cfg.get("export")), label=label)
         if "export" in record["artifacts"]:
             record["export"] = record["artifacts"].pop("export")
     return record
@@ -291,7 +322,7 @@ def main(cfg: DictConfig) -> float | None:
         bad = config_error(err)
         if bad is None or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
-        print(f"fish-train: error: {bad}", file=sys.stderr)
+        print(f"fish-train: error: {one_line(bad)}", file=sys.stderr)
         raise SystemExit(2) from None
     return record["metrics"].get(record["primary_metric"])  # for Hydra sweepers (e.g. Optuna)
 
