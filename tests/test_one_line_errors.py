@@ -46,8 +46,6 @@ def test_adalora_is_not_offered_as_valid(tmp_path, monkeypatch, capsys):
     assert line.count("adalora") == 1 and "use one of none, lora, dora" in line, line
 
 
-@pytest.mark.xfail(reason="needs the mask-file reader to refuse a file that is not a mask with a ValueError",
-                   strict=False)  # fmt: skip
 def test_a_garbage_mask_file_is_one_line(tmp_path, monkeypatch, capsys):
     garbage = tmp_path / "mask.safetensors"
     garbage.write_bytes(b"not a mask file at all" * 10)
