@@ -149,3 +149,17 @@ def test_bad_use_gets_one_error():
         FishMasker(other, sparse_optimizer_state=True, mask_epoch=None).wrap(torch.optim.LBFGS(other.parameters()))
     with pytest.raises(ValueError, match=r"sparse_optimizer_state='yes' must be True or False"):
         FishMasker(Net(), sparse_optimizer_state="yes")
+
+
+def test_the_readme_snippet_runs_as_written():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "FishMasker(model" in b)
+    model = Net()
+    scope = {"torch": torch, "model": model, "loader": batches(24)}
+    exec(code, scope)  # noqa: S102
+    masker = scope["masker"]
+    assert masker.frozen and masker.freeze_step == 20 and masker.verify(model)["frozen_unchanged"]
+    assert masker.num_kept == num_kept(sum(p.numel() for p in model.parameters()), 0.9)
