@@ -48,7 +48,7 @@ def measure(layers: int, rounds: int) -> tuple[int, float, float]:
 
     step()
     vanilla = statistics.median(timeit.repeat(step, number=1, repeat=rounds))
-    masker = FishMasker(model, sparsity=0.9, warmup_steps=1, mask_epoch=None)
+    masker = FishMasker(model, sparsity=0.9, warmup_steps=1, mask_epoch=None, selection="random")
     masker.wrap(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
     masker.freeze(model)
 
