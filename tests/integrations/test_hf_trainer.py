@@ -182,6 +182,39 @@ def test_fisher_equals_batch_size_one_loop_causal_lm(tmp_path):
     assert rel_err(fish.fisher, reference) < 1e-4
 
 
+class PlainNet(torch.nn.Module):
+    """A model without ``**kwargs``: the Trainer divides its loss by the micro-batches of each step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    def forward(self, x, labels=None):
+        logits = self.body(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_fisher_under_division_by_accumulation_with_a_short_last_step(tmp_path):
+    """12 examples, 4 per micro-batch, 2 per step: the second step has one micro-batch (divided by 1, not 2).
+    learning_rate=0 keeps the parameters where the reference loop evaluates them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 6, generator=g)
+    rows = [{"x": x[i], "labels": (x[i, 0] > 0).long() + (x[i, 1] > 0.5).long()} for i in range(12)]
+    model = PlainNet()
+    fish = FishTrainerCallback(sparsity=0.5, warmup_steps=2, mask_epoch=None, keep_fisher=True)
+    args = arguments(tmp_path, max_steps=2, learning_rate=0.0, weight_decay=0.0)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[fish])
+    assert not trainer.model_accepts_loss_kwargs
+    trainer.train()
+
+    def loss_fn(b):
+        return F.cross_entropy(model.body(b["x"]), b["labels"], reduction="none")
+
+    reference = reference_fisher(model, rows, fish.masker.params, loss_fn)
+    assert fish.warmup_steps_done == 2 and rel_err(fish.fisher, reference) < 1e-4
+
+
 def final_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
