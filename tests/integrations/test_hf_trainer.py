@@ -182,6 +182,32 @@ def test_fisher_equals_batch_size_one_loop_causal_lm(tmp_path):
     assert rel_err(fish.fisher, reference) < 1e-4
 
 
+def test_fisher_when_the_model_ignores_num_items_in_batch(tmp_path):
+    """A BERT token classifier takes ``**kwargs`` (so the Trainer passes num_items_in_batch and does not divide)
+    but its loss is the mean over its own micro-batch's tokens: recognised, and the Fisher is still exact."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(**tiny_config("bert"), num_labels=3)
+    model = apply_peft(BertForTokenClassification(config), "lora", r=4, lora_alpha=8, target_modules=["query", "value"])
+    randomize_lora_b(model)
+    rows = classifier_rows(n=8)
+    for r in rows:
+        r["labels"] = (r["input_ids"] % 3).masked_fill(r["attention_mask"] == 0, -100)
+    with pytest.warns(UserWarning, match="ignores num_items_in_batch"):
+        fish = run_warmup_fisher(model, rows, tmp_path)
+    assert fish._honors_num_items is False
+    model.eval()
+
+    def loss_fn(b):  # one example = one sequence: mean NLL over its label tokens
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        nll = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="none", ignore_index=-100)
+        return nll.view(b["labels"].shape).sum(1) / (b["labels"] != -100).sum(1)
+
+    reference = reference_fisher(model, rows, fish.masker.params, loss_fn)
+    assert rel_err(fish.fisher, reference) < 1e-4
+
+
 class PlainNet(torch.nn.Module):
     """A model without ``**kwargs``: the Trainer divides its loss by the micro-batches of each step."""
 
