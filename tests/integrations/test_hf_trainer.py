@@ -208,6 +208,13 @@ def test_fisher_when_the_model_ignores_num_items_in_batch(tmp_path):
     assert rel_err(fish.fisher, reference) < 1e-4
 
 
+def test_mask_epoch_freezes_at_the_start_of_that_epoch(tmp_path):
+    fish = FishTrainerCallback(sparsity=0.9, warmup_steps=50, mask_epoch=1)
+    args = arguments(tmp_path, max_steps=-1, num_train_epochs=2)  # 16 examples, 4 x 2 per step: 2 steps per epoch
+    Trainer(model=classifier(), args=args, train_dataset=classifier_rows(), callbacks=[fish]).train()
+    assert fish.freeze_step == 2 and fish.warmup_steps_done == 2
+
+
 class PlainNet(torch.nn.Module):
     """A model without ``**kwargs``: the Trainer divides its loss by the micro-batches of each step."""
 
@@ -245,16 +252,17 @@ def final_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_resume_from_checkpoint_folder_into_another_output_dir(tmp_path):
+@pytest.mark.parametrize("at", [1, 3])  # mid-warmup (the Fisher so far travels), after the freeze (the mask)
+def test_resume_from_checkpoint_folder_into_another_output_dir(tmp_path, at):
     rows = classifier_rows()
     model = classifier()
     fish = FishTrainerCallback(sparsity=0.9, warmup_steps=2, mask_epoch=None)
-    args = arguments(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3)
+    args = arguments(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=at)
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[fish]).train()
-    folder = tmp_path / "a" / "checkpoint-3"
+    folder = tmp_path / "a" / f"checkpoint-{at}"
     assert (folder / STATE_FILE).is_file() and (tmp_path / "a" / "checkpoint-6" / STATE_FILE).is_file()
     saved = torch.load(folder / STATE_FILE, weights_only=True)
-    assert saved["frozen_at_step"] == 2
+    assert saved["frozen_at_step"] == (2 if at > 2 else None) and saved["warmup_done"] == min(at, 2)
 
     model2 = classifier()
     fish2 = FishTrainerCallback(sparsity=0.9, warmup_steps=2, mask_epoch=None)
