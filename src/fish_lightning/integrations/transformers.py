@@ -5,9 +5,9 @@ freeze, enforcement, checkpoint state). Where it hooks, relative to the Trainer'
 
 * a forward pre-hook on the model starts each micro-batch of the warmup (the per-example hooks learn the batch
   size and how the Trainer weighs each example in the loss it backpropagates);
-* a hook at the end of each backward finishes the warmup's per-example squares, and after the freeze zeroes the
-  frozen entries' gradients: the Trainer's ``max_grad_norm`` clipping, which follows the last backward of a step,
-  sees only kept entries;
+* a hook at the end of each backward finishes the warmup's per-example squares, and after the freeze (at the last
+  micro-batch of a step) zeroes the frozen entries' gradients: the Trainer's ``max_grad_norm`` clipping, which
+  follows that backward, sees only kept entries;
 * step hooks on the torch optimizer inside accelerate's ``AcceleratedOptimizer`` count warmup steps and write
   frozen entries back after each step (bit-identical with any torch optimizer, weight decay included);
 * ``on_step_end`` (after the Trainer counted the step) freezes when due, ``on_save`` writes the FISH state into
@@ -349,7 +349,9 @@ class FishTrainerCallback(TrainerCallback):
         self._queued = False
         m = self.masker
         if m.mask is not None:
-            mask_gradients(m.params, m.mask.masks)  # before the Trainer's max_grad_norm clipping
+            accelerator = getattr(self._trainer, "accelerator", None)
+            if accelerator is None or accelerator.sync_gradients:  # the step's last micro-batch: before the
+                mask_gradients(m.params, m.mask.masks)  # Trainer's max_grad_norm clipping reads the gradients
         else:
             m.after_backward(manual=False)
 
