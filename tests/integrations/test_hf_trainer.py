@@ -208,6 +208,21 @@ def test_fisher_when_the_model_ignores_num_items_in_batch(tmp_path):
     assert rel_err(fish.fisher, reference) < 1e-4
 
 
+def test_mask_path_applies_a_saved_mask_before_the_first_step(tmp_path):
+    from fish_lightning.core.mask_file import save_mask
+
+    rows = classifier_rows()
+    fish = FishTrainerCallback(sparsity=0.9, warmup_steps=1, mask_epoch=None)
+    Trainer(model=classifier(), args=arguments(tmp_path / "a", max_steps=2), train_dataset=rows,
+            callbacks=[fish]).train()  # fmt: skip
+    save_mask(fish.masks, tmp_path / "fish_mask.safetensors")
+    given = FishTrainerCallback(warmup_steps=0, mask_epoch=None, mask_path=str(tmp_path / "fish_mask.safetensors"))
+    model = classifier()
+    Trainer(model=model, args=arguments(tmp_path / "b", max_steps=2), train_dataset=rows, callbacks=[given]).train()
+    assert given.freeze_step == 0 and all(torch.equal(fish.masks[n], given.masks[n]) for n in fish.masks)
+    assert given.verify(model)["frozen_unchanged"]
+
+
 def test_mask_epoch_freezes_at_the_start_of_that_epoch(tmp_path):
     fish = FishTrainerCallback(sparsity=0.9, warmup_steps=50, mask_epoch=1)
     args = arguments(tmp_path, max_steps=-1, num_train_epochs=2)  # 16 examples, 4 x 2 per step: 2 steps per epoch
