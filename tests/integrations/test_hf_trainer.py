@@ -142,10 +142,10 @@ def rel_err(fisher, reference):
     return num / den
 
 
-def run_warmup_fisher(model, rows, tmp_path):
+def run_warmup_fisher(model, rows, tmp_path, **overrides):
     fish = FishTrainerCallback(sparsity=0.5, warmup_steps=1, mask_epoch=None, keep_fisher=True)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = arguments(tmp_path, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    args = arguments(tmp_path, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2, **overrides)
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[fish]).train()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -167,9 +167,10 @@ def test_fisher_equals_batch_size_one_loop_classifier(tmp_path):
     assert rel_err(fish.fisher, reference) < 1e-4
 
 
-def test_fisher_equals_batch_size_one_loop_causal_lm(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fisher_equals_batch_size_one_loop_causal_lm(tmp_path, checkpointing):
     model, rows = causal_lm(), lm_rows(n=8)
-    fish = run_warmup_fisher(model, rows, tmp_path)
+    fish = run_warmup_fisher(model, rows, tmp_path, gradient_checkpointing=checkpointing)
     model.eval()
 
     def loss_fn(b):  # one example = one sequence: mean NLL over its label tokens
