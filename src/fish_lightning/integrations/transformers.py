@@ -232,8 +232,7 @@ class FishTrainerCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                      **kwargs: Any) -> None:  # fmt: skip
         m = self.masker
-        self._remove_hooks()
-        m.end()
+        self.close()
         if m.mask is None:
             msg = (f"FISH: training ended before the mask was frozen (warmup steps done: {m.warmup_steps_done}, "
                    f"mask_epoch={self.settings.mask_epoch}): every candidate trained densely")  # fmt: skip
@@ -361,6 +360,11 @@ class FishTrainerCallback(TrainerCallback):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             inv = 1.0 / float(scaler.get_scale())
         self.masker.before_step(optimizer, automatic=True, inv_scale=inv)
+
+    def close(self) -> None:
+        """Release every hook (done at ``on_train_end``; call it after an exception inside ``train()``)."""
+        self._remove_hooks()
+        self.masker.end()
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
