@@ -19,6 +19,7 @@ FORBIDDEN = {
     "masker": (("callback", "adapters", "app"), FRAMEWORKS),
     "callback": (("adapters", "app"), ("hydra", "omegaconf", "transformers", "peft")),
     "adapters": (("callback", "app"), ("lightning", "pytorch_lightning", "hydra")),
+    "integrations": (("callback", "app"), ("lightning", "pytorch_lightning", "hydra", "omegaconf")),
 }
 
 

@@ -273,12 +273,14 @@ class FishMasker:
         self.warmup.attach(model, host)  # type: ignore[union-attr]
         self.freeze_if_due(model)
 
-    def start_batch(self, model: nn.Module, batch: Any) -> None:
-        """Before a batch's forward (the batch tells the per-example hooks its size)."""
+    def start_batch(self, model: nn.Module, batch: Any, weights: Tensor | None = None) -> None:
+        """Before a batch's forward (the batch tells the per-example hooks its size; ``weights``: optional
+        ``[batch]`` multipliers of each example's squared gradient, for adapters whose trainer weighs examples
+        unequally in the loss)."""
         self.gate.reopen()
         self.freeze_if_due(model)
         if self.mask is None and self.warmup is not None:
-            self.warmup.start_batch(self.host, batch)
+            self.warmup.start_batch(self.host, batch, weights)
 
     def after_backward(self, manual: bool) -> None:
         """Right after a backward, before anyone reads the gradients (clipping)."""

@@ -128,8 +128,10 @@ class WarmupFisher:
             f.zero_()
 
     # ------------------------------------------------------------------ per batch / step
-    def start_batch(self, trainer: Any, batch: Any) -> None:
-        """Before the forward: tell the hooks the batch size and the factor that undoes the loss's scaling."""
+    def start_batch(self, trainer: Any, batch: Any, weights: Tensor | None = None) -> None:
+        """Before the forward: tell the hooks the batch size and the factor that undoes the loss's scaling
+        (``weights``: the adapter's own multipliers of each example's squared gradient, shape ``[batch]``,
+        instead of the factor from ``loss_reduction``, the accumulation and the loss scale)."""
         if self.hooks is None:
             return
         if not self.active:
@@ -150,7 +152,8 @@ class WarmupFisher:
                 return
         # training loss = mean (or sum) over the batch / accumulate_grad_batches (* AMP loss scale): undo all three
         per_example = n if self.settings.loss_reduction == "mean" else 1
-        self._armed = (n, (per_example * max(1, trainer.accumulate_grad_batches) / loss_scale(trainer)) ** 2)
+        factor = (per_example * max(1, trainer.accumulate_grad_batches) / loss_scale(trainer)) ** 2
+        self._armed = (n, factor if weights is None else weights)
         self.hooks.start_batch(*self._armed)
 
     def _probe(self, batch: Any) -> dict[str, list[str]]:

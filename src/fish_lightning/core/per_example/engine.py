@@ -121,6 +121,7 @@ class PerExampleSquaredGrads:
         self._seen: set[str] = set()  # names that got a per-example contribution since reset()
         self._batch: int | None = None
         self.factor = 1.0
+        self._weights: Tensor | None = None  # per-example sqrt(multipliers) of this batch (start_batch)
 
     @property
     def covered(self) -> list[str]:
@@ -191,8 +192,12 @@ class PerExampleSquaredGrads:
             h.remove()
         self._handles = []
 
-    def start_batch(self, batch_size: int, factor: float = 1.0) -> None:
-        """Call before each forward: examples in the batch and a multiplier for its squared grads."""
+    def start_batch(self, batch_size: int, factor: float | Tensor = 1.0) -> None:
+        """Call before each forward: examples in the batch and a multiplier for its squared grads (a number, or
+        a ``[batch_size]`` tensor: one multiplier per example, e.g. when examples weigh differently in the loss)."""
+        self._weights = None
+        if isinstance(factor, Tensor):  # per example: each output gradient's rows scaled by sqrt(weight)
+            self._weights, factor = factor.detach().float().clamp_min(0).sqrt(), 1.0
         self._batch, self.factor, self._calls, self._pending, self._hooked = batch_size, factor, {}, {}, {}
         self._packed = {}
 
@@ -273,7 +278,9 @@ class PerExampleSquaredGrads:
         rule, owned = self._owned[id(module)]
         multi = {a: self._calls.get(n, 1) > 1 for a, n in owned.items()}
         whole: dict[str, Tensor] = {}  # sharded parameters: this call's whole-shaped sum, scattered below
-        try:
+        if self._weights is not None and g.dim() > 0 and g.shape[0] == self._weights.shape[0]:
+            g = g * self._weights.to(g.device, g.dtype).view(-1, *([1] * (g.dim() - 1)))  # per-example grads are
+        try:  # linear in the rows of g
             parts: dict[str, list[Tensor]] = {}
             for chunk in rule.grads(module, saved, g, list(owned), any(multi.values())):
                 for attr, val in chunk.items():

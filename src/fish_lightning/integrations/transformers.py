@@ -1,0 +1,447 @@
+"""``FishTrainerCallback``: FISH-Tuning in Hugging Face's ``transformers.Trainer`` (and trainers built on it).
+
+A thin adapter over :class:`~fish_lightning.masker.masker.FishMasker`, which owns the lifecycle (warmup Fisher,
+freeze, enforcement, checkpoint state). Where it hooks, relative to the Trainer's loop:
+
+* a forward pre-hook on the model starts each micro-batch of the warmup (the per-example hooks learn the batch
+  size and how the Trainer weighs each example in the loss it backpropagates);
+* a hook at the end of each backward finishes the warmup's per-example squares, and after the freeze (at the last
+  micro-batch of a step) zeroes the frozen entries' gradients: the Trainer's ``max_grad_norm`` clipping, which
+  follows that backward, sees only kept entries;
+* step hooks on the torch optimizer inside accelerate's ``AcceleratedOptimizer`` count warmup steps and write
+  frozen entries back after each step (bit-identical with any torch optimizer, weight decay included);
+* ``on_step_end`` (after the Trainer counted the step) freezes when due, ``on_save`` writes the FISH state into
+  the checkpoint folder, and ``train(resume_from_checkpoint=folder)`` restores it from that folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from fish_lightning.core.fisher import batch_size
+from fish_lightning.core.masking import mask_gradients
+from fish_lightning.masker.checks import check_budget, load_given_masks
+from fish_lightning.masker.host import LoopHost
+from fish_lightning.masker.masker import FishMasker
+from fish_lightning.masker.settings import FishSettings
+
+#: The file, in each checkpoint folder the Trainer saves, that holds the FISH state (``torch.load``-able with
+#: ``weights_only=True``).
+STATE_FILE = "fish_state.pt"
+IGNORE_INDEX = -100
+
+
+class TrainerHost:
+    """The masker's :class:`~fish_lightning.masker.host.Host` over a ``transformers.Trainer``: its step and epoch
+    counters, the torch optimizer inside accelerate's wrapper, accelerate's ``GradScaler`` (fp16), and
+    ``torch.distributed`` collectives (DDP)."""
+
+    def __init__(self, trainer: Trainer, optimizer: Optimizer) -> None:
+        self.trainer = trainer
+        self.optimizers: list[Optimizer] = [optimizer]
+        self.loggers: list[Any] = []
+        self.accumulate_grad_batches = max(1, int(trainer.args.gradient_accumulation_steps))
+        self.scaler = getattr(trainer.accelerator, "scaler", None)
+        self._dist = LoopHost()
+
+    @property
+    def global_step(self) -> int:
+        return int(self.trainer.state.global_step)
+
+    @property
+    def current_epoch(self) -> int:
+        """Completed epochs (``state.epoch`` is fractional within an epoch and whole at its end)."""
+        return int(math.floor((self.trainer.state.epoch or 0.0) + 1e-9))
+
+    @property
+    def world_size(self) -> int:
+        return self._dist.world_size
+
+    @property
+    def global_rank(self) -> int:
+        return self._dist.global_rank
+
+    @property
+    def precision_plugin(self) -> TrainerHost:
+        return self  # (``.scaler``)
+
+    @property
+    def strategy(self) -> TrainerHost:
+        return self  # (``reduce``, ``broadcast``, ``root_device``)
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device(self.trainer.args.device)
+
+    def reduce(self, tensor: Tensor, reduce_op: str = "mean") -> Tensor:
+        return self._dist.reduce(tensor, reduce_op)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return self._dist.broadcast(obj, src)
+
+
+class FishTrainerCallback(TrainerCallback):
+    """Train only the top-Fisher fraction of a model's (PEFT) parameters in a ``transformers.Trainer``.
+
+    Takes :class:`~fish_lightning.callback.FisherMaskCallback`'s settings (``sparsity``, ``warmup_steps``,
+    ``mask_epoch``, ``include``/``exclude``, ``scope``, ``selection``, ``seed``, ``keep_fisher``,
+    ``fisher_estimator``, ``rewind_frozen``, ``strict``, ``mask_path``, ...; documented there) as keywords, or a
+    :class:`~fish_lightning.masker.settings.FishSettings` as ``settings=``. ``mask_epoch`` counts the Trainer's
+    epochs; ``warmup_steps`` its optimizer steps (``global_step``).
+
+    The warmup Fisher is the sum over the warmup's examples of each example's own loss gradient squared, whatever
+    the Trainer did to the loss: the division by ``gradient_accumulation_steps`` or the normalisation by
+    ``num_items_in_batch`` (token-level labels: one example is one sequence, its loss the mean NLL over its label
+    tokens), accelerate's fp16 loss scale. Without ``labels`` among the model's inputs (a custom
+    ``compute_loss``), the loss is taken to be the ``loss_reduction`` (mean or sum) of one loss per example.
+
+    Refused at train start, with what to use instead: DeepSpeed, FSDP (``TrainingArguments.fsdp``),
+    ``DataParallel`` over several GPUs, LOMO optimizers, ``label_smoothing_factor`` and ``compute_loss_func``,
+    ``calibration_samples``, ``reselect_every_n_steps`` and ``sparse_optimizer_state``.
+
+    After the freeze, ``masks`` maps parameter names to bool masks (True = trained); the lifecycle is
+    ``self.masker``.
+    """
+
+    def __init__(self, settings: FishSettings | None = None, **kwargs: Any) -> None:
+        self.masker = FishMasker(settings=settings, **kwargs)
+        self.settings = self.masker.settings
+        self._trainer: Trainer | None = None
+        self._model: nn.Module | None = None
+        self._handles: list[Any] = []
+        self._queued = False
+        self._probing = False
+        self._honors_num_items: bool | None = None  # decided from the first warmup batch that passes it
+
+    # ------------------------------------------------------------------ public, read-only (the masker's)
+    @property
+    def frozen(self) -> bool:
+        return self.masker.frozen
+
+    @property
+    def masks(self) -> Mapping[str, Tensor] | None:
+        """name -> bool mask (True = trained) after the freeze, else ``None``."""
+        return self.masker.masks
+
+    @property
+    def fisher(self) -> dict[str, Tensor] | None:
+        """The warmup Fisher before the freeze; after it, the Fisher of the selection on CPU with ``keep_fisher``."""
+        return self.masker.fisher
+
+    @property
+    def num_candidates(self) -> int:
+        return self.masker.num_candidates
+
+    @property
+    def num_kept(self) -> int:
+        """Kept candidate entries: exact after the freeze, the target ``k`` before it."""
+        return self.masker.num_kept
+
+    @property
+    def freeze_step(self) -> int | None:
+        """The Trainer's ``global_step`` when the mask was selected; ``None`` before the freeze."""
+        return self.masker.freeze_step
+
+    @property
+    def warmup_steps_done(self) -> int:
+        return self.masker.warmup_steps_done
+
+    def verify(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """Check, against hashes taken at the freeze, that no frozen entry moved: ``{"frozen_unchanged": bool,
+        "kept": int, "candidates": int, "moved": [names], "untrained": [names]}``."""
+        return self.masker.verify(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.masker.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.masker.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                       optimizer: Any = None, **kwargs: Any) -> None:  # fmt: skip
+        self._remove_hooks()
+        trainer, folder = find_trainer()
+        if trainer is None or model is None:
+            raise RuntimeError("FishTrainerCallback: train() must be called on a transformers.Trainer that holds "
+                               "this callback (Trainer(..., callbacks=[FishTrainerCallback(...)]))")  # fmt: skip
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+        check_trainer(self.settings, trainer, inner)
+        m = self.masker
+        if folder is not None:
+            m.load_state_dict(load_checkpoint_state(folder))
+        restored = m.restored
+        self._trainer, self._model = trainer, model
+        self._honors_num_items = None
+        host = TrainerHost(trainer, inner)
+        m.probe_runner = self._probe_forward
+        m.bind(model, host)
+        held = {id(p) for g in inner.param_groups for p in g["params"]}
+        if not any(id(p) in held for p in m.params.values()):
+            raise ValueError(f"FishTrainerCallback: the optimizer holds none of the {len(m.params)} FISH candidates "
+                             f"(e.g. {next(iter(m.params), None)!r}): build it from model.parameters()")  # fmt: skip
+        given = None
+        if self.settings.mask_path is not None and m.mask is None and restored is None:
+            given = load_given_masks(self.settings.mask_path, m.params)
+        elif m.mask is None and (restored is None or restored.get("masks") is None) and self.settings.mask_path is None:
+            check_budget(self.settings, m.params)
+        m.start(set(), given, restored)
+        self._handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            inner.register_step_pre_hook(self._before_step),
+        ]
+        self._handles += [p.register_post_accumulate_grad_hook(self._grad_arrived) for p in m.params.values()]
+        m.begin_training(model)
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                       **kwargs: Any) -> None:  # fmt: skip
+        if self._model is not None:
+            self.masker.freeze_if_due(self._model)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._model is not None:
+            self.masker.end_batch(self._model)  # global_step counts this step already: freeze_step is exact
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._trainer is None:
+            return
+        fish = self.masker.state_dict()  # (every rank: collectives)
+        fish["global_step"] = int(state.global_step)
+        if not args.should_save:
+            return
+        run_dir = self._trainer._get_output_dir(trial=None) if hasattr(self._trainer, "_get_output_dir") \
+            else args.output_dir  # fmt: skip
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):
+            warnings.warn(f"FISH: the checkpoint folder {folder!r} does not exist: the FISH state is not saved",
+                          stacklevel=2)
+            return
+        torch.save(fish, os.path.join(folder, STATE_FILE))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                     **kwargs: Any) -> None:  # fmt: skip
+        m = self.masker
+        self.close()
+        if m.mask is None:
+            msg = (f"FISH: training ended before the mask was frozen (warmup steps done: {m.warmup_steps_done}, "
+                   f"mask_epoch={self.settings.mask_epoch}): every candidate trained densely")  # fmt: skip
+            if self.settings.strict:
+                raise RuntimeError(msg)
+            warnings.warn(msg, stacklevel=2)
+            return
+        if m.mask.digests is not None:
+            result = self.verify(model)
+            if not result["frozen_unchanged"]:
+                msg = f"FISH verify: frozen entries moved in {result['moved'][:4]}"
+                if self.settings.strict:
+                    raise RuntimeError(msg)
+                warnings.warn(msg, stacklevel=2)
+
+    # ------------------------------------------------------------------ hooks
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        m = self.masker
+        if m.mask is not None or self._probing or not module.training or not torch.is_grad_enabled():
+            return
+        inputs = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
+        batch = (args, inputs)
+        try:
+            n = batch_size(batch)
+        except (TypeError, IndexError):
+            m.freeze_if_due(module)
+            return
+        if self._honors_num_items is None and m.warmup is not None and m.warmup.hooks is not None:
+            self._decide_num_items(module, args, kwargs)
+        m.start_batch(module, batch, self.example_weights(kwargs, n))
+
+    def _decide_num_items(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Once, on the first warmup batch with ``num_items_in_batch`` and token labels: whether the model's loss
+        is normalised by it (a model's ``loss_function``) or is its own mean over tokens (a model that ignores it),
+        from one extra forward without gradient (eval mode, RNG forked)."""
+        labels, items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
+        if items is None or not isinstance(labels, Tensor) or labels.dim() < 2:
+            return
+        lab = self._scored_labels(labels)
+        tokens, n_items = float((lab != IGNORE_INDEX).sum()), float(items)
+        if tokens == 0 or math.isclose(tokens, n_items):
+            return  # the two readings agree on this batch: decide on a later one
+        self._probing = True
+        was_training = module.training
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                module.eval()
+                output = module(*args, **kwargs)
+        finally:
+            module.train(was_training)
+            self._probing = False
+        loss, logits = getattr(output, "loss", None), getattr(output, "logits", None)
+        if not isinstance(loss, Tensor) or not isinstance(logits, Tensor) or logits.shape[:-1] != labels.shape:
+            self._honors_num_items = True  # nothing to compare: the Trainer's own reading
+            return
+        lg = logits[..., :-1, :] if lab.shape != labels.shape else logits
+        nll = float(torch.nn.functional.cross_entropy(lg.float().flatten(0, -2), lab.flatten(), reduction="sum",
+                                                      ignore_index=IGNORE_INDEX))  # fmt: skip
+        value = float(loss.float())
+        self._honors_num_items = abs(value - nll / n_items) <= abs(value - nll / tokens)
+        if not self._honors_num_items:
+            warnings.warn("FISH: the model's loss ignores num_items_in_batch (it is a mean over the micro-batch's "
+                          "own tokens) while the Trainer does not divide it by gradient_accumulation_steps; the "
+                          "per-example Fisher follows the loss as computed", stacklevel=2)  # fmt: skip
+
+    def _scored_labels(self, labels: Tensor) -> Tensor:
+        """The labels the loss scores: shifted by one for a causal LM (position 0 is never a target)."""
+        return labels[..., 1:] if getattr(self._trainer, "_loss_shifts_labels", False) else labels
+
+    def example_weights(self, kwargs: Mapping[str, Any], n: int) -> Tensor:
+        """Per example ``i``, the factor that turns the square of its gradient in the loss the Trainer
+        backpropagates into the square of its own loss gradient: ``(1 / (c_i * loss_scale))**2`` with ``c_i =
+        d(trainer loss) / d(loss_i)``. Examples without a scored label weigh 0."""
+        trainer = self._trainer
+        labels, items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
+        accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
+        custom = getattr(trainer, "compute_loss_func", None) is not None
+        if isinstance(labels, Tensor) and labels.dim() >= 2 and labels.shape[0] == n:  # token labels
+            per = (self._scored_labels(labels) != IGNORE_INDEX).flatten(1).sum(1).to(torch.float64)
+            honored = items is not None and self._honors_num_items is not False
+            denominator = float(items) if honored else float(per.sum())
+        elif isinstance(labels, Tensor):  # one label per example: the model's mean over the batch
+            per, denominator = torch.ones(n, dtype=torch.float64), float(n)
+        else:  # a custom compute_loss: loss_reduction over the examples
+            per = torch.ones(n, dtype=torch.float64)
+            denominator = float(n) if self.settings.loss_reduction == "mean" else 1.0
+        multiplier = 1.0
+        if trainer.args.average_tokens_across_devices and (accepts or custom) and items is not None:
+            multiplier = float(trainer.accelerator.num_processes // max(1, trainer.get_tp_size()))
+        scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (accepts and items is not None) or custom
+        division = 1.0 if scaled else float(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1)
+        scale = float(self.masker.host.scaler.get_scale()) if self.masker.host.scaler is not None else 1.0
+        c = per * multiplier / (denominator * division) * scale
+        weights = torch.where(c > 0, 1.0 / c.clamp_min(1e-300), torch.zeros_like(c)) ** 2
+        return weights.float()
+
+    def _probe_forward(self, batch: tuple[tuple, dict]) -> Any:
+        args, kwargs = batch
+        self._probing = True
+        try:
+            return self._model(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._probing = False
+
+    def _grad_arrived(self, p: Tensor) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+
+    def _backward_done(self) -> None:
+        self._queued = False
+        m = self.masker
+        if m.mask is not None:
+            accelerator = getattr(self._trainer, "accelerator", None)
+            if accelerator is None or accelerator.sync_gradients:  # the step's last micro-batch: before the
+                mask_gradients(m.params, m.mask.masks)  # Trainer's max_grad_norm clipping reads the gradients
+        else:
+            m.after_backward(manual=False)
+
+    def _before_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
+        scaler = self.masker.host.scaler
+        inv = 1.0
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            inv = 1.0 / float(scaler.get_scale())
+        self.masker.before_step(optimizer, automatic=True, inv_scale=inv)
+
+    def close(self) -> None:
+        """Release every hook (done at ``on_train_end``; call it after an exception inside ``train()``)."""
+        self._remove_hooks()
+        self.masker.end()
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def find_trainer() -> tuple[Trainer | None, str | None]:
+    """The ``Trainer`` whose ``train()`` is running (the callback events do not pass it), and the checkpoint folder
+    it resumes from (``train(resume_from_checkpoint=...)``, resolved; ``None`` for a fresh run)."""
+    frame = sys._getframe(1)
+    found = None
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            if frame.f_code.co_name in ("_inner_training_loop", "train"):
+                folder = frame.f_locals.get("resume_from_checkpoint")
+                return owner, os.fspath(folder) if isinstance(folder, (str, os.PathLike)) else None
+            found = found or owner
+        frame = frame.f_back
+    return found, None
+
+
+def load_checkpoint_state(folder: str) -> dict[str, Any]:
+    """The FISH state of a checkpoint folder the Trainer saved with :class:`FishTrainerCallback`."""
+    path = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"resume_from_checkpoint={folder!r} has no {STATE_FILE}: it was not saved by a run with "
+                         "FishTrainerCallback, so the FISH mask/Fisher cannot be restored; resume from a checkpoint "
+                         "of a FISH run, or start a new run")  # fmt: skip
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_trainer(settings: FishSettings, trainer: Trainer, optimizer: Any) -> None:
+    """Refuse, by name, what the callback cannot guard, with what to use instead."""
+    args = trainer.args
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None):
+        raise ValueError("FishTrainerCallback does not support DeepSpeed (TrainingArguments.deepspeed): ZeRO "
+                         "partitions and steps the parameters itself, so frozen entries cannot be guarded. Train "
+                         "without deepspeed (one process, or DDP with torchrun), or use FSDP2 through Lightning's "
+                         "FisherMaskCallback")  # fmt: skip
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None):
+        raise ValueError(f"FishTrainerCallback does not support FSDP (TrainingArguments.fsdp={args.fsdp!r}): "
+                         "train without fsdp (one process, or DDP with torchrun), or use FSDP2 through Lightning's "
+                         "FisherMaskCallback")  # fmt: skip
+    if args.n_gpu > 1:
+        raise ValueError(f"FishTrainerCallback does not support DataParallel over {args.n_gpu} GPUs in one process: "
+                         "launch one process per GPU with torchrun (DDP), or expose one GPU (CUDA_VISIBLE_DEVICES)")
+    optim = str(getattr(args.optim, "value", args.optim))
+    if "lomo" in optim:
+        raise ValueError(f"FishTrainerCallback does not support optim={optim!r}: LOMO updates the parameters "
+                         "inside the backward, before anything can mask them; use optim='adamw_torch' (or any "
+                         "torch optimizer)")  # fmt: skip
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(f"FishTrainerCallback needs a torch.optim.Optimizer; the Trainer's is "
+                         f"{type(optimizer).__name__}: pass optimizers=(torch.optim.AdamW(...), None) or a torch "
+                         "optim name")  # fmt: skip
+    if args.label_smoothing_factor:
+        raise ValueError(f"FishTrainerCallback does not support label_smoothing_factor={args.label_smoothing_factor}"
+                         ": the Trainer's label smoother reduces over all tokens of the batch, so the per-example "
+                         "Fisher cannot be recovered; use label_smoothing_factor=0")  # fmt: skip
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise ValueError("FishTrainerCallback does not support compute_loss_func: its reduction over examples is "
+                         "unknown to the per-example Fisher; override Trainer.compute_loss to return the mean "
+                         "(loss_reduction='mean') or sum ('sum') of one loss per example, without labels in the "
+                         "model's inputs")  # fmt: skip
+    refused = {"calibration_samples": (settings.calibration_samples, "the warmup Fisher (warmup_steps=N) or "
+                                       "mask_path"),
+               "reselect_every_n_steps": (settings.reselect_every_n_steps, "a fixed mask (None)"),
+               "sparse_optimizer_state": (settings.sparse_optimizer_state or None, "sparse_optimizer_state=False "
+                                          "(frozen entries are written back after each step)")}  # fmt: skip
+    for name, (value, instead) in refused.items():
+        if value is not None:
+            raise ValueError(f"FishTrainerCallback does not support {name}={value!r} (Lightning's FisherMaskCallback "
+                             f"does): use {instead}")  # fmt: skip
+    epochs = trainer.state.num_train_epochs
+    if settings.mask_epoch is not None and epochs and settings.mask_epoch >= epochs:
+        raise ValueError(f"mask_epoch={settings.mask_epoch} is past the run: the Trainer trains {epochs} epochs "
+                         f"(0..{epochs - 1}); use mask_epoch < {epochs} or mask_epoch=None")  # fmt: skip
