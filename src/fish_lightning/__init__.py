@@ -13,7 +13,10 @@ from fish_lightning import _compat
 __version__ = "0.2.0"
 _EXPORTS = {
     "FisherMaskCallback": "fish_lightning.callback",
+    "RunLoadError": "fish_lightning.app.runs",
     "TieWarning": "fish_lightning.core.selection",
+    "load_run": "fish_lightning.app.runs",
+    "load_tokenizer": "fish_lightning.app.runs",
     "num_kept": "fish_lightning.core.selection",
     "select_masks": "fish_lightning.core.selection",
     "sparsity_for_kept": "fish_lightning.core.budget",

@@ -1,10 +1,12 @@
 """What ``fish-train`` keeps in a run directory ``D`` after training.
 
 - ``D/adapter/``: a peft model's ``save_pretrained`` (``adapter_config.json`` + ``adapter_model.safetensors``, the
-  classifier head included where peft saves it, ``modules_to_save``). Reload with
-  ``PeftModel.from_pretrained(base, D / "adapter")`` on the same base model (for the tiny random models: the same
-  ``seed``). Our bottleneck adapters (houlsby, pfeiffer) are not peft's: their trainable tensors go to
-  ``D/adapter/trainable.safetensors`` (names as in the model's ``named_parameters()``).
+  classifier head included where peft saves it, ``modules_to_save``), made portable
+  (:mod:`fish_lightning.adapters.portable`: a hub id as base, ``fish_lightning.json`` with the head size and
+  pooling, a model card). Reload with :func:`fish_lightning.load_run` (``D`` or ``D/adapter``), or
+  ``PeftModel.from_pretrained(base, D / "adapter")`` on the base the run used. Our bottleneck adapters (houlsby,
+  pfeiffer) are not peft's: their trainable tensors go to ``D/adapter/trainable.safetensors`` (names as in the
+  model's ``named_parameters()``).
 - ``D/model/``: full fine-tuning (``peft=none``): the model's own ``save_pretrained`` (transformers format).
 - ``D/fish_mask.safetensors``: the FISH mask, bit-packed, names as in the LightningModule's
   ``named_parameters()`` (as ``FisherMaskCallback.masks``); :func:`fish_lightning.adapters.export.load_mask`
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from fish_lightning.adapters.export import save_mask, save_sparse
+from fish_lightning.adapters.portable import make_portable
 from fish_lightning.app.anatomy_plot import ANATOMY_PNG, write_anatomy_png
 from fish_lightning.callback.fisher_mask import FisherMaskCallback
 from fish_lightning.core.anatomy import by_kind, mask_anatomy
@@ -38,12 +42,16 @@ MASK_FILE = "fish_mask.safetensors"
 SPARSE_FILE = "adapter.fish.safetensors"
 
 
-def save_model(model: nn.Module, run_dir: Path) -> str:
-    """Save the trained ``model`` (peft-wrapped or not) under ``run_dir``; returns the folder's name."""
+def save_model(model: nn.Module, run_dir: Path, settings: Mapping[str, Any] | None = None) -> str:
+    """Save the trained ``model`` (peft-wrapped or not) under ``run_dir``; returns the folder's name. An adapter
+    folder is made portable (:func:`fish_lightning.adapters.portable.make_portable`) with ``settings`` (the run's
+    resolved ``model.net``, ``peft`` and ``model.tokenizer``: ``{"model_net": ..., "peft": ..., "tokenizer": ...}``)."""
     from peft import PeftModel
 
+    settings = dict(settings or {})
     if isinstance(model, PeftModel):
         model.save_pretrained(str(run_dir / ADAPTER_DIR))
+        make_portable(run_dir / ADAPTER_DIR, model, **settings)
         return ADAPTER_DIR
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     total = sum(1 for _ in model.parameters())
@@ -52,17 +60,22 @@ def save_model(model: nn.Module, run_dir: Path) -> str:
 
         (run_dir / ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
         save_file(trainable, str(run_dir / ADAPTER_DIR / "trainable.safetensors"))
+        make_portable(run_dir / ADAPTER_DIR, model, **settings)
         return ADAPTER_DIR
     model.save_pretrained(str(run_dir / MODEL_DIR))  # full fine-tuning: a transformers model
     return MODEL_DIR
 
 
 def save_artifacts(
-    run_dir: Path, module: pl.LightningModule, fish: FisherMaskCallback | None, export: bool = False
+    run_dir: Path,
+    module: pl.LightningModule,
+    fish: FisherMaskCallback | None,
+    export: bool = False,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the run's artifacts (module doc) and return ``{kind: file or folder name}``, plus
-    ``"export"`` (the sparse export's size report) with ``export``."""
-    out: dict[str, Any] = {"model": save_model(module.model, run_dir)}
+    ``"export"`` (the sparse export's size report) with ``export``; ``settings`` as :func:`save_model`."""
+    out: dict[str, Any] = {"model": save_model(module.model, run_dir, settings)}
     if fish is None or fish.masks is None:
         return out
     save_mask(fish.masks, run_dir / MASK_FILE)

@@ -204,7 +204,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                               "primary_metric_mode": mode, "resumed_from": ckpt_path, **budget_info}  # fmt: skip
     record.update(_counts(fish, count_trainable(model)))
     if trainer.is_global_zero:
-        record["artifacts"] = save_artifacts(out_dir, module, fish, export=bool(cfg.get("export")))
+        settings = {"model_net": OmegaConf.to_container(cfg.model.net, resolve=True),
+                    "peft": OmegaConf.to_container(cfg.peft, resolve=True), "tokenizer": cfg.model.get("tokenizer")}
+        record["artifacts"] = save_artifacts(out_dir, module, fish, export=bool(cfg.get("export")), settings=settings)
         if "export" in record["artifacts"]:
             record["export"] = record["artifacts"].pop("export")
     return record
