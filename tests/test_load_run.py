@@ -117,7 +117,8 @@ def test_causal_lm_run_reloads_with_its_outputs(tmp_path, glue_dir):
     meta = json.loads((run_dir / "adapter" / "fish_lightning.json").read_text())
     assert meta["task"] == "causal_lm" and meta["num_labels"] is None and meta["base_model"] is None
     assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
-    assert "cannot rebuild this model: its base was built from a config" in (run_dir / "adapter" / "README.md").read_text()
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert "cannot rebuild this model: its base was built from a config" in card
 
 
 def test_full_fine_tuning_and_bottleneck_runs_reload(tmp_path):

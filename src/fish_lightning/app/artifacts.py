@@ -8,9 +8,10 @@
   pfeiffer) are not peft's: their trainable tensors go to ``D/adapter/trainable.safetensors`` (names as in the
   model's ``named_parameters()``).
 - ``D/model/``: full fine-tuning (``peft=none``): the model's own ``save_pretrained`` (transformers format).
-- ``D/fish_mask.safetensors``: the FISH mask, bit-packed, names as in the LightningModule's
-  ``named_parameters()`` (as ``FisherMaskCallback.masks``); :func:`fish_lightning.adapters.export.load_mask`
-  reads it back, ``fish.mask_path=D/fish_mask.safetensors`` trains with it.
+- ``D/fish_mask.safetensors``: the FISH mask, bit-packed, names as in the trained model's own
+  ``named_parameters()`` (the ``PeftModel``'s, without the LightningModule's ``model.``);
+  :func:`fish_lightning.adapters.export.load_mask` reads it back (``load_mask(path, peft_model)``),
+  ``fish.mask_path=D/fish_mask.safetensors`` trains with it (names matched by suffix whatever holds the model).
 - ``D/mask_stats.json``: kept/candidate counts, the freeze step, per-tensor density, and where the budget went:
   ``anatomy`` (:func:`fish_lightning.core.anatomy.mask_anatomy`: kept/total/density per layer × module kind; layer
   ``null`` = outside the numbered layers) and ``by_kind`` (summed over layers).
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from torch import nn
+from torch import Tensor, nn
 
 from fish_lightning.adapters.export import save_mask, save_sparse
 from fish_lightning.adapters.portable import make_portable
@@ -66,6 +67,20 @@ def save_model(model: nn.Module, run_dir: Path, settings: Mapping[str, Any] | No
     return MODEL_DIR
 
 
+def own_names(masks: Mapping[str, Tensor], module: pl.LightningModule) -> dict[str, Tensor]:
+    """``masks`` (keyed by ``module``'s parameter names) keyed by ``module.model``'s own names (for a peft model:
+    ``peft_model.named_parameters()``), so the file applies to the model wherever it is held; unchanged when a
+    masked tensor is not inside ``module.model``."""
+    inner = getattr(module, "model", None)
+    if not isinstance(inner, nn.Module):
+        return dict(masks)
+    own = {id(p): n for n, p in inner.named_parameters()}
+    params = dict(module.named_parameters())
+    if not all(n in params and id(params[n]) in own for n in masks):
+        return dict(masks)
+    return {own[id(params[n])]: m for n, m in masks.items()}
+
+
 def save_artifacts(
     run_dir: Path,
     module: pl.LightningModule,
@@ -78,11 +93,11 @@ def save_artifacts(
     out: dict[str, Any] = {"model": save_model(module.model, run_dir, settings)}
     if fish is None or fish.masks is None:
         return out
-    save_mask(fish.masks, run_dir / MASK_FILE)
+    masks = own_names(fish.masks, module)
+    save_mask(masks, run_dir / MASK_FILE)
     out["mask"] = MASK_FILE
     stats = {"kept": fish.num_kept, "candidates": fish.num_candidates, "frozen_at_step": fish.freeze_step,
-             "density": density_report(fish.masks)}  # fmt: skip
-    masks = fish.masks
+             "density": density_report(masks)}  # fmt: skip
     anatomy = mask_anatomy({n: int(m.sum()) for n, m in masks.items()}, {n: m.numel() for n, m in masks.items()})
     stats.update(anatomy=anatomy, by_kind=by_kind(anatomy))
     (run_dir / "mask_stats.json").write_text(json.dumps(stats, indent=1))

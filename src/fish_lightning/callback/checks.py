@@ -11,7 +11,7 @@ from torch import nn
 
 from fish_lightning.callback.settings import FishSettings
 from fish_lightning.core.candidates import check_supported
-from fish_lightning.core.mask_file import load_mask
+from fish_lightning.core.mask_file import align_masks, load_mask
 from fish_lightning.core.sharding import check_placements, is_sharded
 from fish_lightning.core.sparse_state import refuse_compact
 
@@ -81,8 +81,10 @@ def warn_new_model() -> None:
 
 
 def load_given_masks(path: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """``mask_path``'s masks (whole, CPU), refused unless they are exactly the candidates with their shapes."""
-    masks = load_mask(path)
+    """``mask_path``'s masks (whole, CPU), keyed by the candidates' names (a file keyed by another holder of the
+    same model, e.g. the bare ``PeftModel``, matches by suffix: :func:`~fish_lightning.core.mask_file.align_masks`),
+    refused unless they are exactly the candidates with their shapes."""
+    masks = align_masks(load_mask(path), list(params), where=f"mask_path={path!r}")
     missing = [n for n in params if n not in masks]
     extra = [n for n in masks if n not in params]
     if missing or extra:
