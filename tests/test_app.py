@@ -99,7 +99,9 @@ def test_fish_config_keys_are_the_callback_parameters(tmp_path):
 
 @pytest.mark.parametrize("opt", sorted(set(options("data")) - INSTRUCTION_DATA))
 def test_data_options_instantiate(opt, tmp_path, glue_dir):
-    cfg = composed(["model=tiny_bert", f"data={opt}", f"data.path={glue_dir}" if opt != "tweets" else "data.path=null",
+    path = {"tweets": ["data.path=null"], "csv": [f"data.path={glue_dir}/SST-2/train.tsv", "data.text_column=sentence",
+                                                  f"data.val_path={glue_dir}/SST-2/dev.tsv"]}  # fmt: skip
+    cfg = composed(["model=tiny_bert", f"data={opt}", *path.get(opt, [f"data.path={glue_dir}"]),
                     "data.train_samples=8", "data.val_samples=4"], tmp_path)  # fmt: skip
     dm = instantiate(cfg.data)
     dm.setup()

@@ -218,7 +218,8 @@ def test_projections_are_every_linear_layer_but_the_head():
 def test_experiment_runs_through_the_app(tmp_path, glue_dir):
     from fish_lightning.app.train import run
 
-    overrides = ["experiment=causal_lm_lora_fish", f"data.path={glue_dir}", "fish.warmup_steps=1", "logger=none",
+    overrides = ["experiment=causal_lm_lora_fish", "data=sst2_instruct", f"data.path={glue_dir}",
+                 "fish.warmup_steps=1", "logger=none",
                  "data.batch_size=2", "data.eval_batch_size=4", "trainer.enable_progress_bar=false"]  # fmt: skip
     cfg = composed(overrides, tmp_path)
     assert cfg.model.name == "tiny_llama" and cfg.peft.target_modules == "projections"

@@ -91,23 +91,23 @@ def test_pad_collate():
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
-def test_group_by_length_batches_similar_lengths_and_covers_every_example_once():
+def test_group_by_length_batches_similar_lengths_and_covers_every_example_once(glue_dir):
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(3, 60, (640,), generator=g).tolist()
-    data = TextClassificationData("sst2", group_by_length=True, batch_size=16, seed=1)
+    data = TextClassificationData("sst2", path=glue_dir, group_by_length=True, batch_size=16, seed=1)
     data.splits = {"train": [{"input_ids": torch.ones(n, dtype=torch.long), "labels": torch.tensor(0)}
                              for n in lengths]}  # fmt: skip
     batches = list(data.train_dataloader())
     assert sum(b["input_ids"].shape[0] for b in batches) == len(lengths)
     padded = sum(b["input_ids"].numel() for b in batches)
-    plain = TextClassificationData("sst2", batch_size=16, seed=1)
+    plain = TextClassificationData("sst2", path=glue_dir, batch_size=16, seed=1)
     plain.splits = data.splits
     assert padded < 0.7 * sum(b["input_ids"].numel() for b in plain.train_dataloader())  # less padding
     assert sorted(int(b["attention_mask"].sum()) for b in batches) == sorted(
         int(b["attention_mask"].sum()) for b in data.train_dataloader()
     )  # seeded: the same batches again
     with pytest.raises(DataError, match="group_by_length='yes'"):
-        TextClassificationData("sst2", group_by_length="yes")
+        TextClassificationData("sst2", path=glue_dir, group_by_length="yes")
 
 
 def _sst2_dir(tmp_path, n: int = 20) -> str:

