@@ -138,6 +138,8 @@ def test_budget_matches_reference_rank_exactly(tmp_path):
 
 
 def _cli(args, tmp_path, entry="fish-train", **env_extra):
+    if "PYTHONPATH" in env_extra and os.environ.get("PYTHONPATH"):  # keep the caller's path (e.g. a source tree)
+        env_extra["PYTHONPATH"] = os.pathsep.join([env_extra["PYTHONPATH"], os.environ["PYTHONPATH"]])
     env = dict(os.environ, FISH_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
                **env_extra)  # fmt: skip
     exe = Path(sys.executable).parent / entry
@@ -377,6 +379,7 @@ def test_sigkill_then_resume_is_bit_identical(kill_at, kept_run, tmp_path_factor
     assert "resume: continuing from" in proc.stdout + proc.stderr
     ref, res = (json.loads((d / "results.json").read_text()) for d in (ref_dir, run_dir))
     assert res["metrics"] == ref["metrics"] and res["resumed_from"].endswith("last.ckpt")
+    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]  # the resumed run's curves continue
     adapter = "adapter/adapter_model.safetensors"
     assert _bit_identical(_tensors(ref_dir / adapter), _tensors(run_dir / adapter))
     assert _bit_identical(_tensors(ref_dir / "fish_mask.safetensors"), _tensors(run_dir / "fish_mask.safetensors"))

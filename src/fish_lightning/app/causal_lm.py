@@ -17,6 +17,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from fish_lightning.app.classifier import adamw_linear_warmup
+from fish_lightning.app.lean_checkpoint import LeanCheckpointMixin, model_from_run_config
 
 IGNORE_INDEX = -100
 
@@ -67,7 +68,7 @@ class Perplexity(torchmetrics.Metric):
         return torch.exp(self.nll / self.tokens.clamp(min=1)).float()
 
 
-class CausalLM(pl.LightningModule):
+class CausalLM(LeanCheckpointMixin, pl.LightningModule):
     """Trains a causal LM on batches of ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` =
     not scored), as built by :class:`fish_lightning.app.instruction_data.InstructionData`.
 
@@ -75,18 +76,33 @@ class CausalLM(pl.LightningModule):
     objective), ``val/perplexity`` (exp of the mean NLL over all response tokens) and
     ``val/exact_match`` (fraction of sequences whose every response token is the argmax prediction).
 
+    Checkpoints hold the trainable tensors only (:class:`~fish_lightning.app.lean_checkpoint.LeanCheckpointMixin`).
+
     Args:
-        model: a Hugging Face (peft-wrapped) ``AutoModelForCausalLM``.
+        model: a Hugging Face (peft-wrapped) ``AutoModelForCausalLM``; ``None``: built from ``run_config``.
         lr, weight_decay: AdamW settings; ``warmup_ratio`` of steps with linear LR warmup, then
             linear decay to 0 (``warmup_ratio=None``: constant LR).
+        run_config: the resolved ``fish-train`` config, saved as hyperparameters (as
+            :class:`~fish_lightning.app.classifier.SequenceClassifier`).
     """
 
     metrics = ("loss", "perplexity", "exact_match")
 
     def __init__(
-        self, model: nn.Module, lr: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float | None = 0.06
+        self,
+        model: nn.Module | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float | None = 0.06,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if model is None:
+            if run_config is None:
+                raise ValueError("CausalLM needs a model, or run_config to build it from")
+            model = model_from_run_config(run_config)
+        if run_config is not None:
+            self.save_hyperparameters(ignore=["model"])
         self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.val_perplexity = Perplexity()

@@ -1,0 +1,91 @@
+"""Checkpoints hold the trainable state only, load back with ``load_from_checkpoint`` and ``ckpt_path=``; a best
+checkpoint beside ``last.ckpt``; loggers get the resolved config and the learning rate."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_module
+
+from fish_lightning import load_run
+from fish_lightning.app.errors import ConfigError
+from fish_lightning.app.lean_checkpoint import FROZEN_KEY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ARGS = ["experiment=smoke", "data.train_samples=64", "data.val_samples=32", "data.batch_size=16",
+        "checkpoint.every_n_train_steps=3", "trainer.deterministic=true",
+        "trainer.enable_progress_bar=false"]  # fmt: skip
+
+
+def run_in(tmp_path, *extra):
+    from fish_lightning.app.train import run
+
+    run_dir = tmp_path / "run"
+    with initialize_config_module("fish_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.cache_dir={tmp_path}/cache", f"logger.csv.save_dir={run_dir}",
+                                          f"trainer.default_root_dir={run_dir}", *ARGS, *extra])  # fmt: skip
+    return run_dir, run(cfg, run_dir, list(extra)), cfg
+
+
+@pytest.fixture(scope="module")
+def lean_run(tmp_path_factory):
+    return run_in(tmp_path_factory.mktemp("lean"))
+
+
+def test_checkpoint_holds_no_frozen_base_weight(lean_run):
+    from fish_lightning.app.classifier import SequenceClassifier
+
+    run_dir, _, _ = lean_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    module = SequenceClassifier.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    stored = set(ckpt["state_dict"])
+    assert not stored & frozen and trainable <= stored and set(ckpt[FROZEN_KEY]) == frozen
+    total = sum(p.numel() for p in module.parameters())
+    assert sum(t.numel() for t in ckpt["state_dict"].values()) < 0.1 * total  # tiny BERT: the embeddings dominate
+    # load_from_checkpoint needs no arguments and gives the run's final model (last.ckpt is written at the end)
+    probe = {"input_ids": torch.randint(1000, 2000, (2, 9), generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        got = module.eval().model(**probe).logits
+        want = load_run(run_dir)(**probe).logits
+    assert torch.equal(got, want)
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_a_checkpoint_onto_another_base_is_refused(lean_run, tmp_path):
+    from fish_lightning.app.classifier import SequenceClassifier
+
+    run_dir, _, _ = lean_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["hyper_parameters"]["run_config"]["seed"] = 1  # another random base
+    ckpt["hyper_parameters"]["run_config"]["model"]["net"]["seed"] = 1
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match=r"frozen tensor .* of the model built now differs from the one trained"):
+        SequenceClassifier.load_from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_loggers_get_the_config_and_the_learning_rate(lean_run):
+    run_dir, _, _ = lean_run
+    (version,) = (run_dir / "csv").glob("version_*")
+    hparams = yaml.safe_load((version / "hparams.yaml").read_text())
+    assert hparams["run_config"]["model"]["name"] == "tiny_bert" and hparams["run_config"]["fish"]["sparsity"] == 0.5
+    with open(version / "metrics.csv") as fh:
+        header = next(csv.reader(fh))
+    assert "lr-AdamW" in header
+
+
+def test_ckpt_path_starts_from_any_checkpoint_and_bad_values_are_refused(lean_run, tmp_path):
+    run_dir, ref, _ = lean_run
+    again, record, _ = run_in(tmp_path, f"ckpt_path={run_dir}/checkpoints/last.ckpt")
+    assert record["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert record["metrics"] == ref["metrics"]  # the finished run's checkpoint: nothing left to train
+    with pytest.raises(ConfigError, match=r"ckpt_path='nope.ckpt' is not a file"):
+        run_in(tmp_path / "a", "ckpt_path=nope.ckpt")
+    with pytest.raises(ConfigError, match=r"and resume=true are both set"):
+        run_in(tmp_path / "b", f"ckpt_path={run_dir}/checkpoints/last.ckpt", "resume=true")
+    assert json.loads((tmp_path / "b" / "run" / "results.json").read_text())["status"] == "failed"
