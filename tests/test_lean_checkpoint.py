@@ -25,8 +25,9 @@ def run_in(tmp_path, *extra):
     from fish_lightning.app.train import run
 
     run_dir = tmp_path / "run"
+    logger = [] if any(e.startswith("logger=") for e in extra) else [f"logger.csv.save_dir={run_dir}"]
     with initialize_config_module("fish_lightning.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.cache_dir={tmp_path}/cache", f"logger.csv.save_dir={run_dir}",
+        cfg = compose("train", overrides=[f"paths.cache_dir={tmp_path}/cache", *logger,
                                           f"trainer.default_root_dir={run_dir}", *ARGS, *extra])  # fmt: skip
     return run_dir, run(cfg, run_dir, list(extra)), cfg
 
@@ -89,3 +90,32 @@ def test_ckpt_path_starts_from_any_checkpoint_and_bad_values_are_refused(lean_ru
     with pytest.raises(ConfigError, match=r"and resume=true are both set"):
         run_in(tmp_path / "b", f"ckpt_path={run_dir}/checkpoints/last.ckpt", "resume=true")
     assert json.loads((tmp_path / "b" / "run" / "results.json").read_text())["status"] == "failed"
+
+
+def test_tensorboard_gets_the_hparams_and_the_labelled_anatomy_figure(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fish_lightning.app.anatomy_plot import anatomy_figure
+
+    run_dir = tmp_path / "run"
+    _, record, _ = run_in(tmp_path, "logger=tensorboard", f"logger.tensorboard.save_dir={run_dir}",
+                          "checkpoint.every_n_train_steps=null")  # fmt: skip
+    (version,) = (run_dir / "tensorboard").glob("version_*")
+    assert yaml.safe_load((version / "hparams.yaml").read_text())["run_config"]["peft"]["method"] == "lora"
+    acc = EventAccumulator(str(version), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    hparams = {v.tag: v.metadata.plugin_data for f in version.glob("events.*") for ev in EventFileLoader(str(f)).Load()
+               for v in ev.summary.value if v.tag.startswith("_hparams_/")}  # fmt: skip
+    start = hparams["_hparams_/session_start_info"]
+    assert start.plugin_name == "hparams" and b"run_config/model/name" in start.content
+    assert b"tiny_bert" in start.content
+    (image,) = acc.Images("fish/mask_anatomy")
+    stats = json.loads((run_dir / "mask_stats.json").read_text())
+    fig = anatomy_figure(stats["anatomy"])
+    width, height = fig.get_size_inches() * fig.dpi
+    assert image.width >= int(width) and image.height >= int(height)
+    assert "lr-AdamW" in tags["scalars"] and "fish/density/layer_0/attention.query.lora_A" in tags["scalars"]
+    assert not [t for t in tags["scalars"] if t.startswith("fish/density/base_model")]  # no per-tensor series

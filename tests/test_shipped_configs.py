@@ -85,6 +85,8 @@ def test_causal_lm_experiment_runs_offline_outside_the_repository(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["status"] == "ok" and res["task"] == "tweets_instruct" and "val/exact_match" in res["metrics"]
+    log = (tmp_path / "run" / "train.log").read_text()  # the run's own lines in Hydra's log file
+    assert "FISH: mask frozen at global step" in log and "on tweets_instruct: val/loss = " in log
 
 
 def test_shipped_lightning_cli_example_runs_outside_the_repository(tmp_path):

@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fish_lightning.adapters.models import build_peft_model, count_trainable
+from fish_lightning.app import run_log
 from fish_lightning.app.artifacts import save_artifacts
 from fish_lightning.app.causal_lm import CausalLM
 from fish_lightning.app.checkpointing import checkpoint_callbacks, resume_path
@@ -293,6 +294,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, overrides: list[str]
     if overrides is None:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     quiet_start()
+    run_log.attach()  # Lightning's and FISH's lines in Hydra's train.log too
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -308,9 +310,15 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, overrides: list[str]
     finally:
         record["wall_time_s"] = round(time.time() - start, 2)
         (out_dir / "results.json").write_text(json.dumps(record, indent=1))
+        if record["status"] == "failed":
+            run_log.to_file(f"failed: {record['error']}")
+        run_log.detach()
     primary = record["primary_metric"]
-    print(f"{record['method']} on {record['task']}: {primary} = {record['metrics'].get(primary, float('nan')):.4f}; "
-          f"trainable {record['trainable_params']:,}; {record['wall_time_s']:.0f} s; results in {out_dir}")  # fmt: skip
+    value = record["metrics"].get(primary, float("nan"))
+    line = (f"{record['method']} on {record['task']}: {primary} = {value:.4f}; trainable "
+            f"{record['trainable_params']:,}; {record['wall_time_s']:.0f} s; results in {out_dir}")  # fmt: skip
+    print(line)
+    run_log.to_file(line)
     return record
 
 
