@@ -271,7 +271,8 @@ def test_hub_source_maps_fields_and_holds_out_validation(monkeypatch):
 
 
 def test_bad_input_names_the_value(tmp_path, glue_dir):
-    with pytest.raises(DataError, match=r"source='csv' is not valid: expected one of \('jsonl', 'hub', 'sst2'\)"):
+    with pytest.raises(DataError, match=r"source='csv' is not valid: expected one of \('jsonl', 'hub', 'sst2', "
+                                        r"'tweets'\)"):  # fmt: skip
         InstructionData(source="csv", path="x")
     with pytest.raises(DataError, match="max_length=1 must be an integer >= 2"):
         InstructionData(source="sst2", max_length=1)

@@ -4,8 +4,8 @@ import torch
 from fish_lightning.app.classification_data import (
     TASKS,
     DataError,
+    PadCollator,
     TextClassificationData,
-    pad_collate,
     read_tsv,
     read_tweets,
     split_file,
@@ -83,12 +83,19 @@ def test_datamodule_label_count_mismatch_fails_fast(glue_dir):
         TextClassificationData("mnli")
 
 
-def test_pad_collate():
+def test_pad_collate_pads_with_the_tokenizers_pad_id():
+    from transformers import AutoTokenizer
+
+    from fish_lightning.adapters.models import minilm_path
+
     items = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor(1)},
              {"input_ids": torch.tensor([8]), "labels": torch.tensor(0)}]  # fmt: skip
-    b = pad_collate(items)
-    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    b = TextClassificationData("tweets").collate(items)  # MiniLM: [PAD] = 0
+    assert type(b) is dict and b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]] and b["labels"].tolist() == [1, 0]
+    roberta_like = AutoTokenizer.from_pretrained(minilm_path(), pad_token="[unused0]")  # pad id 1, as RoBERTa's
+    b = PadCollator(roberta_like)(items)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]] and b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_group_by_length_batches_similar_lengths_and_covers_every_example_once(glue_dir):

@@ -76,8 +76,19 @@ def test_loggers_get_the_config_and_the_learning_rate(lean_run):
     hparams = yaml.safe_load((version / "hparams.yaml").read_text())
     assert hparams["run_config"]["model"]["name"] == "tiny_bert" and hparams["run_config"]["fish"]["sparsity"] == 0.5
     with open(version / "metrics.csv") as fh:
-        header = next(csv.reader(fh))
-    assert "lr-AdamW" in header
+        rows = list(csv.DictReader(fh))
+    logged = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    # the schedule is transformers' linear warmup/decay: 8 steps (2 epochs x 4 batches), warmup int(0.06 * 8) = 0
+    from transformers import get_linear_schedule_with_warmup
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=8)
+    want = []
+    for _ in range(8):
+        want.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert logged == pytest.approx(want, rel=1e-12)
 
 
 def test_ckpt_path_starts_from_any_checkpoint_and_bad_values_are_refused(lean_run, tmp_path):

@@ -325,9 +325,7 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
         return keep, f"{source}:holdout{self.holdout}"
 
     def _tokenized(self, split: str, n: int | None) -> list[dict[str, Any]]:
-        from transformers import AutoTokenizer
 
-        from fish_lightning.adapters.models import resolve_model_path
 
         rows, source = self._split_rows(split)
         rows = subsample(rows, n, self.subsample_seed)
@@ -337,7 +335,7 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
             cache = Path(self.cache_dir) / f"{self.spec.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
         if cache is not None and cache.is_file():
             return torch.load(cache, weights_only=True)
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
+        tok = self.tokenizer()
         columns = list(zip(*(texts for texts, _ in rows)))
         enc = tok(*columns, truncation=True, max_length=self.max_length)
         label_dtype = torch.float32 if self.spec.num_labels == 1 else torch.long
@@ -356,6 +354,23 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
             tmp.replace(cache)  # atomic: readers see the old file, none, or the whole new one
         return out
 
+    def tokenizer(self) -> Any:
+        """The ``AutoTokenizer`` of ``tokenizer`` (loaded once)."""
+        if getattr(self, "_tokenizer", None) is None:
+            from transformers import AutoTokenizer
+
+            from fish_lightning.adapters.models import resolve_model_path
+
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
+        return self._tokenizer
+
+    @property
+    def collate(self) -> PadCollator:
+        """The batches' collate function (:class:`PadCollator` with this data's tokenizer)."""
+        if getattr(self, "_collate", None) is None:
+            self._collate = PadCollator(self.tokenizer())
+        return self._collate
+
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
             self.splits = {
@@ -373,14 +388,14 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
 
             lengths = [int(x["input_ids"].shape[0]) for x in train]
             sampler = LengthGroupedSampler(self.batch_size, lengths=lengths, generator=self.order.generator)
-            return self.order.loader(train, batch_size=self.batch_size, sampler=sampler, collate_fn=pad_collate,
+            return self.order.loader(train, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
                                      num_workers=self.num_workers)  # fmt: skip
-        return self.order.loader(train, batch_size=self.batch_size, collate_fn=pad_collate,
+        return self.order.loader(train, batch_size=self.batch_size, collate_fn=self.collate,
                                  num_workers=self.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["dev"], batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=pad_collate, num_workers=self.num_workers)  # fmt: skip
+                          collate_fn=self.collate, num_workers=self.num_workers)  # fmt: skip
 
 
 def read_tsv_header_check(task: TaskSpec, file: Path) -> None:
@@ -394,20 +409,15 @@ def read_tsv_header_check(task: TaskSpec, file: Path) -> None:
         raise DataError(f"{file}: missing column(s) {missing} for task {task.name!r}; found columns {header}")
 
 
-def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack examples, right-padding token ids with 0 to the longest in the batch."""
-    length = max(int(it["input_ids"].shape[0]) for it in items)
-    n = len(items)
-    ids = torch.zeros(n, length, dtype=torch.long)
-    mask = torch.zeros(n, length, dtype=torch.long)
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if "token_type_ids" in items[0]:
-        batch["token_type_ids"] = torch.zeros(n, length, dtype=torch.long)
-    for i, it in enumerate(items):
-        m = int(it["input_ids"].shape[0])
-        ids[i, :m] = it["input_ids"]
-        mask[i, :m] = 1
-        if "token_type_ids" in batch:
-            batch["token_type_ids"][i, :m] = it["token_type_ids"]
-    batch["labels"] = torch.stack([it["labels"] for it in items])
-    return batch
+class PadCollator:
+    """Collate tokenised examples with ``transformers.DataCollatorWithPadding``: right-pads ``input_ids`` with the
+    tokenizer's ``pad_token_id`` (RoBERTa's is 1), ``token_type_ids`` with its pad type id, adds the
+    ``attention_mask`` and stacks ``labels``; returns a plain ``dict`` of tensors (picklable for worker processes)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from transformers import DataCollatorWithPadding
+
+        self.collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return dict(self.collator(items))

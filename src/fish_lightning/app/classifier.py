@@ -102,19 +102,15 @@ class SequenceClassifier(LeanCheckpointMixin, pl.LightningModule):
 
 
 def adamw_linear_warmup(module: pl.LightningModule, lr: float, weight_decay: float, warmup_ratio: float | None) -> Any:
-    """AdamW over ``module``'s trainable parameters; with ``warmup_ratio``, a per-step schedule: linear
-    warmup over that fraction of the run's optimizer steps, then linear decay to 0 (``None``: constant LR)."""
+    """AdamW over ``module``'s trainable parameters; with ``warmup_ratio``, a per-step schedule
+    (``transformers.get_linear_schedule_with_warmup``): linear warmup from 0 over that fraction of the run's optimizer
+    steps, then linear decay to 0 (``None``: constant LR)."""
+    from transformers import get_linear_schedule_with_warmup
+
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if warmup_ratio is None:
         return opt
     total = max(1, int(module.trainer.estimated_stepping_batches))
-    warm = int(warmup_ratio * total)
-
-    def schedule(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        return max(0.0, (total - step) / max(1, total - warm))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=int(warmup_ratio * total), num_training_steps=total)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
