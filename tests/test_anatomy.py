@@ -97,7 +97,7 @@ def test_fit_with_tensorboard_logs_the_anatomy_image_and_fisher_histogram(tiny, 
     (image,) = acc.Images("fish/mask_anatomy")
     anatomy = mask_anatomy(cb.mask.kept, {n: m.numel() for n, m in cb.masks.items()})
     assert image.step == cb.freeze_step == 2
-    from fish_lightning.app.anatomy_plot import anatomy_figure
+    from fish_lightning.callback.anatomy_image import anatomy_figure
 
     fig = anatomy_figure(anatomy)  # the labelled figure of mask_anatomy.png, as drawn for TensorBoard
     width, height = fig.get_size_inches() * fig.dpi

@@ -106,7 +106,7 @@ def test_ckpt_path_starts_from_any_checkpoint_and_bad_values_are_refused(lean_ru
 def test_tensorboard_gets_the_hparams_and_the_labelled_anatomy_figure(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fish_lightning.app.anatomy_plot import anatomy_figure
+    from fish_lightning.callback.anatomy_image import anatomy_figure
 
     run_dir = tmp_path / "run"
     _, record, _ = run_in(tmp_path, "logger=tensorboard", f"logger.tensorboard.save_dir={run_dir}",

@@ -93,13 +93,13 @@ class FrozenMask:
 
 def log_anatomy(trainer: Any, mask: FrozenMask, params: Mapping[str, nn.Parameter],
                 fisher: Mapping[str, Tensor] | None) -> None:  # fmt: skip
-    """To every TensorBoard logger: the density per layer × module kind as the labelled heatmap of
-    ``mask_anatomy.png`` (tag ``fish/mask_anatomy``; rows = layers, columns = kinds) and a histogram of log10 of the
-    Fisher scores."""
+    """To every TensorBoard logger: the density per layer × module kind as a labelled heatmap (tag
+    ``fish/mask_anatomy``, :func:`~fish_lightning.callback.anatomy_image.anatomy_figure`; rows = layers, columns =
+    kinds) and a histogram of log10 of the Fisher scores."""
     writers = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_figure")]
     if not writers or trainer.global_rank != 0:
         return
-    from fish_lightning.app.anatomy_plot import anatomy_figure  # matplotlib, only when a TensorBoard logger is on
+    from fish_lightning.callback.anatomy_image import anatomy_figure  # matplotlib, only with a TensorBoard logger
 
     anatomy = mask_anatomy(mask.kept, {n: p.numel() for n, p in params.items()})
     scores = torch.cat([f.detach().reshape(-1).float().cpu() for f in fisher.values()]) if fisher else None
