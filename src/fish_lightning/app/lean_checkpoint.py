@@ -6,7 +6,8 @@ bit for bit, by the model's own settings (the packaged or hub checkpoint, or a s
 ``state_dict`` and, when the checkpoint is loaded (``Trainer.fit(ckpt_path=...)``, ``load_from_checkpoint``), fills
 them back from the module being loaded into, after checking a per-tensor fingerprint (sum and sum of squares, in
 float64) so a checkpoint never loads onto another base silently. The optimizer, scheduler, loops, callbacks' state
-(FISH) and RNG states stay in the checkpoint as Lightning writes them.
+(FISH) and RNG states stay in the checkpoint as Lightning writes them. A sharded model (FSDP2 ``DTensor`` parameters,
+whose distributed checkpoints load in place by key) keeps Lightning's full checkpoint.
 
 :func:`model_from_run_config` builds a run's model from its resolved ``fish-train`` config, so that
 ``SequenceClassifier.load_from_checkpoint(path)`` / ``CausalLM.load_from_checkpoint(path)`` need no arguments.
@@ -33,7 +34,10 @@ class LeanCheckpointMixin:
     """For a ``LightningModule``: checkpoints without its frozen parameters (module doc)."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = {n: p for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}  # type: ignore[attr-defined]
+        params = dict(self.named_parameters(remove_duplicate=False))  # type: ignore[attr-defined]
+        if any(hasattr(p, "placements") for p in params.values()):
+            return  # sharded (FSDP2, distributed checkpoints load in place by key): Lightning's checkpoint as it is
+        frozen = {n: p for n, p in params.items() if not p.requires_grad}
         state = checkpoint.get("state_dict")
         if not frozen or state is None:
             return
