@@ -99,7 +99,9 @@ def test_fish_config_keys_are_the_callback_parameters(tmp_path):
 
 @pytest.mark.parametrize("opt", sorted(set(options("data")) - INSTRUCTION_DATA))
 def test_data_options_instantiate(opt, tmp_path, glue_dir):
-    cfg = composed(["model=tiny_bert", f"data={opt}", f"data.path={glue_dir}" if opt != "tweets" else "data.path=null",
+    path = {"tweets": ["data.path=null"], "csv": [f"data.path={glue_dir}/SST-2/train.tsv", "data.text_column=sentence",
+                                                  f"data.val_path={glue_dir}/SST-2/dev.tsv"]}  # fmt: skip
+    cfg = composed(["model=tiny_bert", f"data={opt}", *path.get(opt, [f"data.path={glue_dir}"]),
                     "data.train_samples=8", "data.val_samples=4"], tmp_path)  # fmt: skip
     dm = instantiate(cfg.data)
     dm.setup()
@@ -136,6 +138,8 @@ def test_budget_matches_reference_rank_exactly(tmp_path):
 
 
 def _cli(args, tmp_path, entry="fish-train", **env_extra):
+    if "PYTHONPATH" in env_extra and os.environ.get("PYTHONPATH"):  # keep the caller's path (e.g. a source tree)
+        env_extra["PYTHONPATH"] = os.pathsep.join([env_extra["PYTHONPATH"], os.environ["PYTHONPATH"]])
     env = dict(os.environ, FISH_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
                **env_extra)  # fmt: skip
     exe = Path(sys.executable).parent / entry
@@ -375,6 +379,7 @@ def test_sigkill_then_resume_is_bit_identical(kill_at, kept_run, tmp_path_factor
     assert "resume: continuing from" in proc.stdout + proc.stderr
     ref, res = (json.loads((d / "results.json").read_text()) for d in (ref_dir, run_dir))
     assert res["metrics"] == ref["metrics"] and res["resumed_from"].endswith("last.ckpt")
+    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]  # the resumed run's curves continue
     adapter = "adapter/adapter_model.safetensors"
     assert _bit_identical(_tensors(ref_dir / adapter), _tensors(run_dir / adapter))
     assert _bit_identical(_tensors(ref_dir / "fish_mask.safetensors"), _tensors(run_dir / "fish_mask.safetensors"))

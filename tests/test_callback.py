@@ -191,14 +191,20 @@ def test_default_candidates_skip_peft_modules_to_save_and_include_exclude():
     assert set(cb.masks) == {"net.0.weight", "net.2.weight"}
 
 
-def test_density_logged_to_trainer_logger(tmp_path):
+def test_density_logged_to_trainer_logger(tmp_path, monkeypatch):
+    from fish_lightning.callback.frozen import FrozenMask
     from lightning.pytorch.loggers import CSVLogger
 
     cb = FisherMaskCallback(sparsity=0.75, warmup_steps=2, mask_epoch=1)
     fit(cb, max_epochs=2, logger=CSVLogger(tmp_path, name="x"))
-    text = (tmp_path / "x" / "version_0" / "metrics.csv").read_text()
-    header = text.splitlines()[0]
-    assert "fish/density/net.0.weight" in header and "fish/kept" in header
+    header = (tmp_path / "x" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    density = sorted(h for h in header if h.startswith("fish/density/"))  # layer x kind, not one per tensor
+    assert density == ["fish/density/layer_0/bias", "fish/density/layer_0/weight", "fish/density/layer_2/bias",
+                       "fish/density/layer_2/weight"] and "fish/kept" in header and "fish/density" in header
+    monkeypatch.setattr(FrozenMask, "per_tensor_density", True)  # opt-in: one series per tensor too
+    fit(FisherMaskCallback(sparsity=0.75, warmup_steps=2, mask_epoch=1), max_epochs=2,
+        logger=CSVLogger(tmp_path, name="y"))  # fmt: skip
+    assert "fish/density/net.0.weight" in (tmp_path / "y" / "version_0" / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_nonfinite_warmup_gradient_warns_and_is_skipped():

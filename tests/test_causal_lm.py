@@ -218,7 +218,8 @@ def test_projections_are_every_linear_layer_but_the_head():
 def test_experiment_runs_through_the_app(tmp_path, glue_dir):
     from fish_lightning.app.train import run
 
-    overrides = ["experiment=causal_lm_lora_fish", f"data.path={glue_dir}", "fish.warmup_steps=1", "logger=none",
+    overrides = ["experiment=causal_lm_lora_fish", "data=sst2_instruct", f"data.path={glue_dir}",
+                 "fish.warmup_steps=1", "logger=none",
                  "data.batch_size=2", "data.eval_batch_size=4", "trainer.enable_progress_bar=false"]  # fmt: skip
     cfg = composed(overrides, tmp_path)
     assert cfg.model.name == "tiny_llama" and cfg.peft.target_modules == "projections"
@@ -270,7 +271,8 @@ def test_hub_source_maps_fields_and_holds_out_validation(monkeypatch):
 
 
 def test_bad_input_names_the_value(tmp_path, glue_dir):
-    with pytest.raises(DataError, match=r"source='csv' is not valid: expected one of \('jsonl', 'hub', 'sst2'\)"):
+    with pytest.raises(DataError, match=r"source='csv' is not valid: expected one of \('jsonl', 'hub', 'sst2', "
+                                        r"'tweets'\)"):  # fmt: skip
         InstructionData(source="csv", path="x")
     with pytest.raises(DataError, match="max_length=1 must be an integer >= 2"):
         InstructionData(source="sst2", max_length=1)

@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from fish_lightning import FisherMaskCallback
-from fish_lightning.app.cli import PeftSequenceClassifier, cli_main, main
+from fish_lightning.app.cli import EXAMPLES_DIR, PeftSequenceClassifier, cli_main, main
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "lightning_cli"
+EXAMPLES = EXAMPLES_DIR  # shipped in the package
 TINY = EXAMPLES / "tiny_smoke.yaml"
 
 

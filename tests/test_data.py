@@ -4,8 +4,8 @@ import torch
 from fish_lightning.app.classification_data import (
     TASKS,
     DataError,
+    PadCollator,
     TextClassificationData,
-    pad_collate,
     read_tsv,
     read_tweets,
     split_file,
@@ -83,31 +83,38 @@ def test_datamodule_label_count_mismatch_fails_fast(glue_dir):
         TextClassificationData("mnli")
 
 
-def test_pad_collate():
+def test_pad_collate_pads_with_the_tokenizers_pad_id():
+    from transformers import AutoTokenizer
+
+    from fish_lightning.adapters.models import minilm_path
+
     items = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor(1)},
              {"input_ids": torch.tensor([8]), "labels": torch.tensor(0)}]  # fmt: skip
-    b = pad_collate(items)
-    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    b = TextClassificationData("tweets").collate(items)  # MiniLM: [PAD] = 0
+    assert type(b) is dict and b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]] and b["labels"].tolist() == [1, 0]
+    roberta_like = AutoTokenizer.from_pretrained(minilm_path(), pad_token="[unused0]")  # pad id 1, as RoBERTa's
+    b = PadCollator(roberta_like)(items)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]] and b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
-def test_group_by_length_batches_similar_lengths_and_covers_every_example_once():
+def test_group_by_length_batches_similar_lengths_and_covers_every_example_once(glue_dir):
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(3, 60, (640,), generator=g).tolist()
-    data = TextClassificationData("sst2", group_by_length=True, batch_size=16, seed=1)
+    data = TextClassificationData("sst2", path=glue_dir, group_by_length=True, batch_size=16, seed=1)
     data.splits = {"train": [{"input_ids": torch.ones(n, dtype=torch.long), "labels": torch.tensor(0)}
                              for n in lengths]}  # fmt: skip
     batches = list(data.train_dataloader())
     assert sum(b["input_ids"].shape[0] for b in batches) == len(lengths)
     padded = sum(b["input_ids"].numel() for b in batches)
-    plain = TextClassificationData("sst2", batch_size=16, seed=1)
+    plain = TextClassificationData("sst2", path=glue_dir, batch_size=16, seed=1)
     plain.splits = data.splits
     assert padded < 0.7 * sum(b["input_ids"].numel() for b in plain.train_dataloader())  # less padding
     assert sorted(int(b["attention_mask"].sum()) for b in batches) == sorted(
         int(b["attention_mask"].sum()) for b in data.train_dataloader()
     )  # seeded: the same batches again
     with pytest.raises(DataError, match="group_by_length='yes'"):
-        TextClassificationData("sst2", group_by_length="yes")
+        TextClassificationData("sst2", path=glue_dir, group_by_length="yes")
 
 
 def _sst2_dir(tmp_path, n: int = 20) -> str:

@@ -116,8 +116,9 @@ def test_fit_through_the_callback_on_a_quantized_base(quantization):
 def test_fish_train_with_a_4bit_base(tmp_path, glue_dir):
     from fish_lightning.app.train import run
 
-    overrides = ["experiment=causal_lm_lora_fish", "model.net.quantization=4bit", f"data.path={glue_dir}",
-                 "fish.warmup_steps=1", "logger=none", "data.batch_size=2", "data.eval_batch_size=4",
+    overrides = ["experiment=causal_lm_lora_fish", "model.net.quantization=4bit", "data=sst2_instruct",
+                 f"data.path={glue_dir}", "fish.warmup_steps=1", "logger=none", "data.batch_size=2",
+                 "data.eval_batch_size=4",
                  "trainer.enable_progress_bar=false"]  # fmt: skip
     cfg = composed(overrides, tmp_path)
     assert cfg.model.name == "tiny_llama" and cfg.model.net.quantization == "4bit"

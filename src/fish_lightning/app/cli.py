@@ -7,15 +7,18 @@ The FISH mask is an ordinary Trainer callback in the YAML::
         - class_path: fish_lightning.FisherMaskCallback
           init_args: {sparsity: 0.9, warmup_steps: 50, mask_epoch: 1}
 
-``fish-cli fit --config examples/lightning_cli/sst2_lora_fish.yaml`` (also ``validate``, ``test``,
-``--print_config``). ``model.num_labels`` and ``model.metrics`` are taken from the data module's task. A value
-our classes refuse (``sparsity=1.5``, an unknown peft method or task) ends the command with one line naming it.
+``fish-cli fit --config sst2_lora_fish`` (also ``validate``, ``test``, ``--print_config``): ``--config NAME``
+names a LightningCLI example shipped in the package when no file ``NAME`` exists; ``fish-cli examples`` lists
+them and ``fish-cli examples NAME`` prints one (to copy and edit). ``model.num_labels`` and ``model.metrics`` are
+taken from the data module's task. A value our classes refuse (``sparsity=1.5``, an unknown peft method or task)
+ends the command with one line naming it.
 Needs ``pip install "fish-lightning[cli]"`` (``jsonargparse[signatures]``).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -102,14 +105,60 @@ def cli_main(args: ArgsType = None, run: bool = True, **kwargs: Any) -> FishCLI:
     return FishCLI(PeftSequenceClassifier, TextClassificationData, args=args, run=run, **kwargs)
 
 
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "lightning_cli"
+
+
+def examples() -> dict[str, Path]:
+    """The LightningCLI examples shipped in the package: name -> YAML file."""
+    return {p.stem: p for p in sorted(EXAMPLES_DIR.glob("*.yaml"))}
+
+
+def _find_configs(argv: list[str]) -> list[str]:
+    """``--config NAME`` (or ``--config=NAME``) -> the shipped example's path, where no file ``NAME`` exists."""
+    out, known = list(argv), examples()
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            j, value = i + 1, out[i + 1]
+        elif arg.startswith("--config="):
+            j, value = i, arg.split("=", 1)[1]
+        else:
+            continue
+        name = value.removesuffix(".yaml")
+        if not Path(value).exists() and name in known:
+            out[j] = str(known[name]) if j != i else f"--config={known[name]}"
+    return out
+
+
+def _print_examples(argv: list[str]) -> None:
+    known = examples()
+    if not argv:
+        print(f"LightningCLI examples in {EXAMPLES_DIR} (run one with `fish-cli fit --config NAME`, print it with "
+              "`fish-cli examples NAME`):")  # fmt: skip
+        for name, path in known.items():
+            print(f"  {name}: {path.read_text().splitlines()[0].lstrip('# ')[:100]}")
+        return
+    name = argv[0].removesuffix(".yaml")
+    if name not in known:
+        print(f"fish-cli: error: no example {argv[0]!r}: expected one of {sorted(known)}", file=sys.stderr)
+        raise SystemExit(2)
+    print(known[name].read_text(), end="")
+
+
 def main(args: ArgsType = None) -> None:
-    """Console entry ``fish-cli``: a refused value exits with status 2 and one ``fish-cli: error: ...`` line."""
+    """Console entry ``fish-cli``: a refused value exits with status 2 and one ``fish-cli: error: ...`` line;
+    ``fish-cli examples [NAME]`` lists (prints) the shipped examples."""
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if argv is not None and argv[:1] == ["examples"]:
+        _print_examples(argv[1:])
+        return
     problem = missing_extra("jsonargparse")
     if problem:
         print(f"fish-cli: error: {problem}", file=sys.stderr)
         raise SystemExit(2)
     quiet_start()
     show_fish_lines()
+    if argv is not None:
+        args = _find_configs(argv)
     try:
         cli_main(args)
     except CLIConfigError as err:

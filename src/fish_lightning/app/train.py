@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fish_lightning.adapters.models import ADALORA_REFUSED, PEFT_METHODS, build_peft_model, count_trainable
 from fish_lightning.adapters.peft_methods import REGISTRY, offered
+from fish_lightning.app import run_log
 from fish_lightning.app.artifacts import save_artifacts
 from fish_lightning.app.causal_lm import CausalLM
 from fish_lightning.app.checkpointing import checkpoint_callbacks, resume_path
@@ -220,12 +221,15 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     _check_causal_pairing(cfg, data)
     model = build_model(cfg)
     fish, budget_info = build_fish(cfg, model)
+    run_config = OmegaConf.to_container(cfg, resolve=True)  # the module's hyperparameters: loggers record them
     if is_causal_lm(cfg):
-        module: pl.LightningModule = CausalLM(model, **cfg.optim)
+        module: pl.LightningModule = CausalLM(model, **cfg.optim, run_config=run_config)
     else:
-        module = SequenceClassifier(model, num_labels=data.num_labels, metrics=data.metrics, **cfg.optim)
-    trainer = build_trainer(cfg, out_dir, fish)
-    ckpt_path = resume_path(out_dir, bool(cfg.get("resume")))
+        module = SequenceClassifier(model, num_labels=data.num_labels, metrics=data.metrics, **cfg.optim,
+                                    run_config=run_config)  # fmt: skip
+    ckpt_path = start_checkpoint(cfg, out_dir)
+    monitor = (f"val/{data.metrics[0]}", getattr(data, "primary_metric_mode", "max"))
+    trainer = build_trainer(cfg, out_dir, fish, resuming=ckpt_path is not None, monitor=monitor)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -238,20 +242,53 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     record.update(_counts(fish, count_trainable(model)))
     if trainer.is_global_zero:
         label = f"{cfg.data.task} · {method_label(cfg)}"
-        record["artifacts"] = save_artifacts(out_dir, module, fish, export=bool(cfg.get("export")), label=label)
+        settings = {"model_net": OmegaConf.to_container(cfg.model.net, resolve=True),
+                    "peft": OmegaConf.to_container(cfg.peft, resolve=True), "tokenizer": cfg.model.get("tokenizer")}
+        record["artifacts"] = save_artifacts(out_dir, module, fish, export=bool(cfg.get("export")), label=label,
+                                             settings=settings)  # fmt: skip
         if "export" in record["artifacts"]:
             record["export"] = record["artifacts"].pop("export")
     return record
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path, fish: FisherMaskCallback | None) -> pl.Trainer:
-    """The ``cfg.trainer`` Trainer with the FISH callback, ``cfg.callbacks``, checkpoints and loggers."""
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
-    checkpoints = checkpoint_callbacks((cfg.get("checkpoint") or {}).get("every_n_train_steps"), out_dir)
+def start_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
+    """Where fit starts from: ``ckpt_path`` (any Lightning checkpoint of this model), else with ``resume`` the run's
+    ``checkpoints/last.ckpt`` (:func:`~fish_lightning.app.checkpointing.resume_path`), else ``None``."""
+    given = cfg.get("ckpt_path")
+    if given is None:
+        return resume_path(out_dir, bool(cfg.get("resume")))
+    if cfg.get("resume"):
+        raise ConfigError(f"ckpt_path={given!r} and resume=true are both set: set one (resume continues "
+                          "<run dir>/checkpoints/last.ckpt)")  # fmt: skip
+    if not Path(str(given)).expanduser().is_file():
+        raise ConfigError(f"ckpt_path={given!r} is not a file: give a Lightning checkpoint (.ckpt) of this model")
+    return str(Path(str(given)).expanduser())
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, fish: FisherMaskCallback | None, resuming: bool = False,
+                  monitor: tuple[str, str] | None = None) -> pl.Trainer:  # fmt: skip
+    """The ``cfg.trainer`` Trainer with the FISH callback, ``cfg.callbacks``, checkpoints (a best one on ``monitor``
+    = ``(metric, "max" | "min")``), a learning-rate monitor and loggers (``resuming``: their latest versions)."""
+    loggers = [instantiate(lg, **continued_version(lg, resuming)) for lg in (cfg.get("logger") or {}).values()]
+    checkpoints = checkpoint_callbacks((cfg.get("checkpoint") or {}).get("every_n_train_steps"), out_dir, monitor)
     extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if loggers and cfg.get("lr_monitor", True):
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        extra.append(LearningRateMonitor(logging_interval="step"))
     callbacks = ([fish] if fish is not None else []) + extra + checkpoints
     options: dict[str, Any] = {"enable_checkpointing": True} if checkpoints else {}
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **options)
+
+
+def continued_version(logger_cfg: Any, resuming: bool) -> dict[str, Any]:
+    """``{"version": N}`` for a CSV/TensorBoard logger config without an explicit version when resuming and
+    ``<save_dir>/<name>/version_N`` exists (the latest), so a resumed run's curves continue in one version."""
+    if not resuming or logger_cfg.get("version") is not None or "save_dir" not in logger_cfg:
+        return {}
+    root = Path(str(logger_cfg["save_dir"])) / str(logger_cfg.get("name") or "lightning_logs")
+    versions = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    return {"version": max(versions)} if versions else {}
 
 
 def _counts(fish: FisherMaskCallback | None, dense_trainable: int) -> dict[str, Any]:
@@ -292,6 +329,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, overrides: list[str]
     if overrides is None:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     quiet_start()
+    run_log.attach()  # Lightning's and FISH's lines in Hydra's train.log too
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -307,9 +345,15 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, overrides: list[str]
     finally:
         record["wall_time_s"] = round(time.time() - start, 2)
         (out_dir / "results.json").write_text(json.dumps(record, indent=1))
+        if record["status"] == "failed":
+            run_log.to_file(f"failed: {record['error']}")
+        run_log.detach()
     primary = record["primary_metric"]
-    print(f"{record['method']} on {record['task']}: {primary} = {record['metrics'].get(primary, float('nan')):.4f}; "
-          f"trainable {record['trainable_params']:,}; {record['wall_time_s']:.0f} s; results in {out_dir}")  # fmt: skip
+    value = record["metrics"].get(primary, float("nan"))
+    line = (f"{record['method']} on {record['task']}: {primary} = {value:.4f}; trainable "
+            f"{record['trainable_params']:,}; {record['wall_time_s']:.0f} s; results in {out_dir}")  # fmt: skip
+    print(line)
+    run_log.to_file(line)
     return record
 
 

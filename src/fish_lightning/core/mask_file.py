@@ -61,8 +61,8 @@ MASK_META_KEY = "fish_mask"
 def save_mask(masks: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     """Write a FISH mask (``FisherMaskCallback.masks``: parameter name -> bool tensor, ``True`` = trained)
     to the safetensors file ``path``, bit-packed (one bit per entry, :func:`~fish_lightning.core.masking.pack_mask`);
-    names stay as given (those of the LightningModule's ``named_parameters()``), shapes go in the metadata
-    (key ``"fish_mask"``, JSON). :func:`load_mask` reads it back exactly."""
+    names stay as given (``fish-train`` gives the ``PeftModel``'s own ``named_parameters()``), shapes go in the
+    metadata (key ``"fish_mask"``, JSON). :func:`load_mask` reads it back exactly."""
     shapes, packed = {}, {}
     for name, mask in masks.items():
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
@@ -78,11 +78,13 @@ def save_mask(masks: Mapping[str, Tensor], path: str | os.PathLike) -> None:
 def load_mask(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, Tensor]:
     """The mask saved by :func:`save_mask`: parameter name -> bool tensor (CPU), ``True`` = trained.
 
-    With ``model``, also :func:`check_mask` it against ``model.named_parameters()`` (``ValueError`` naming the
-    first name or shape that does not fit)."""
+    With ``model``, the names become ``model``'s own (:func:`align_masks`: a file saved from a LightningModule
+    applies to its bare ``PeftModel`` and back) and are checked against them (:func:`check_mask`, ``ValueError``
+    naming the first name or shape that does not fit)."""
     meta, packed = read_safetensors(path, MASK_META_KEY, MASK_FORMAT, "a FISH mask file")
     masks = {n: unpack_mask(packed[n], tuple(shape)) for n, shape in meta["shapes"].items()}
     if model is not None:
+        masks = align_masks(masks, [n for n, _ in model.named_parameters()], where=str(path))
         check_mask(masks, model, where=str(path))
     return masks
 
@@ -99,3 +101,59 @@ def check_mask(masks: Mapping[str, Tensor], model: nn.Module, where: str = "mask
         if tuple(mask.shape) != tuple(params[name].shape):
             raise ValueError(f"{where}: mask {name!r} has shape {list(mask.shape)} but the parameter has shape "
                              f"{list(params[name].shape)}: same model and peft config (e.g. rank r)?")  # fmt: skip
+
+
+def _common_tail(a: list[str], b: list[str]) -> int:
+    """How many trailing dot-components ``a`` and ``b`` share."""
+    k = 0
+    while k < min(len(a), len(b)) and a[-1 - k] == b[-1 - k]:
+        k += 1
+    return k
+
+
+def _swap_prefix(name: str, old: str, new: str) -> str | None:
+    if old and not name.startswith(old + "."):
+        return None
+    rest = name[len(old) + 1:] if old else name
+    return f"{new}.{rest}" if new else rest
+
+
+def align_names(names: list[str], targets: list[str], where: str = "mask") -> dict[str, str]:
+    """Map mask ``names`` onto parameter names ``targets`` that may hold the same tensors under another prefix
+    (``model.base_model.model.x`` saved from a LightningModule, ``base_model.model.x`` in the bare ``PeftModel``,
+    ``net.base_model.model.x`` in a module that calls its model ``net``): the names themselves when they all are
+    targets, else the one prefix swap (``old.`` -> ``new.``, the longest shared suffix) under which every name is a
+    target. ``{}`` when none fits (the caller reports what is missing); ``ValueError`` naming both targets when two
+    swaps fit equally well."""
+    target_set = set(targets)
+    if not names or all(n in target_set for n in names):
+        return {n: n for n in names}
+    first = names[0].split(".")
+    fits: dict[int, dict[tuple[str, str], dict[str, str]]] = {}
+    for t in targets:
+        parts = t.split(".")
+        k = _common_tail(first, parts)
+        if k == 0:
+            continue
+        old, new = ".".join(first[: len(first) - k]), ".".join(parts[: len(parts) - k])
+        if (old, new) in fits.get(k, {}):
+            continue
+        mapped = {n: _swap_prefix(n, old, new) for n in names}
+        if all(m is not None and m in target_set for m in mapped.values()):
+            fits.setdefault(k, {})[(old, new)] = mapped  # type: ignore[assignment]
+    if not fits:
+        return {}
+    best = fits[max(fits)]
+    if len(best) > 1:
+        a, b = list(best.values())[:2]
+        raise ValueError(f"{where}: mask {names[0]!r} matches both {a[names[0]]!r} and {b[names[0]]!r}: the model "
+                         "holds these tensors twice; give a mask saved from this model")  # fmt: skip
+    return next(iter(best.values()))
+
+
+def align_masks(masks: Mapping[str, Tensor], targets: list[str], where: str = "mask") -> dict[str, Tensor]:
+    """``masks`` keyed by the names of ``targets`` they match (:func:`align_names`), unchanged when none fit."""
+    mapping = align_names(list(masks), list(targets), where)
+    if not mapping:
+        return dict(masks)
+    return {mapping[n]: m for n, m in masks.items()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fish_lightning.core.mask_file import load_mask
+from fish_lightning.core.mask_file import align_masks, load_mask
 from fish_lightning.core.selection import num_kept
 from fish_lightning.masker.settings import FishSettings
 
@@ -34,13 +34,15 @@ def check_budget(settings: FishSettings, params: dict[str, nn.Parameter]) -> Non
 def load_given_masks(path: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """``mask_path``'s masks (whole, CPU), refused unless they are exactly the candidates with their shapes."""
     try:
-        masks = load_mask(path)
+        raw = load_mask(path)
     except Exception as err:  # safetensors' own errors name neither the option nor what a mask file is
         raise ValueError(
             f"mask_path={path!r} is not a FISH mask file ({type(err).__name__}: {str(err).splitlines()[0][:160]}): "
             "a mask file is the fish_mask.safetensors a run saves (fish_lightning.core.mask_file.save_mask): "
             "bit-packed masks keyed by parameter name, not a Lightning or torch checkpoint"
         ) from err
+    # a file keyed by another holder of the same model (e.g. the bare PeftModel) matches by name suffix
+    masks = align_masks(raw, list(params), where=f"mask_path={path!r}")
     missing = [n for n in params if n not in masks]
     extra = [n for n in masks if n not in params]
     if missing or extra:

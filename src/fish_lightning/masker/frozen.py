@@ -67,11 +67,22 @@ class FrozenMask:
         """name -> kept fraction of the whole (unsharded) tensor."""
         return {n: c / max(1, params[n].numel()) for n, c in self.kept.items()}
 
-    def log(self, trainer: Any, params: Mapping[str, nn.Parameter]) -> None:
-        """Density per tensor and overall to the trainer's loggers, and one line to the console."""
+    #: also log ``fish/density/<parameter name>`` per candidate tensor (hundreds of series for LoRA on every
+    #: projection of a decoder); by default only the layer × kind aggregation is logged
+    per_tensor_density: bool = False
+
+    def log(self, trainer: Any, params: Mapping[str, nn.Parameter], per_tensor: bool | None = None) -> None:
+        """Density overall and per layer × module kind (``fish/density/layer_<i>/<kind>``, layer ``other`` outside
+        the numbered layers; :func:`~fish_lightning.core.anatomy.mask_anatomy`) to the trainer's loggers, per tensor
+        too with ``per_tensor`` (default :attr:`per_tensor_density`), and one line to the console."""
         candidates = sum(p.numel() for p in params.values())
         total = self.num_kept / max(1, candidates)
-        metrics = {f"fish/density/{n}": d for n, d in self.density(params).items()}
+        anatomy = mask_anatomy(self.kept, {n: p.numel() for n, p in params.items()})
+        metrics = {f"fish/density/layer_{'other' if layer is None else layer}/{kind}": d
+                   for layer, row in zip(anatomy["layers"], anatomy["density"])
+                   for kind, d in zip(anatomy["kinds"], row) if d is not None}  # fmt: skip
+        if self.per_tensor_density if per_tensor is None else per_tensor:
+            metrics.update({f"fish/density/{n}": d for n, d in self.density(params).items()})
         metrics.update({"fish/density": total, "fish/kept": float(self.num_kept), "fish/candidates": float(candidates)})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -83,19 +94,18 @@ class FrozenMask:
 
 def log_anatomy(trainer: Any, mask: FrozenMask, params: Mapping[str, nn.Parameter],
                 fisher: Mapping[str, Tensor] | None) -> None:  # fmt: skip
-    """To every TensorBoard logger: the density per layer × module kind as an image (rows = layers, columns =
-    kinds, white = dense; 8 px per cell) and a histogram of log10 of the Fisher scores."""
-    writers = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_image")]
+    """To every TensorBoard logger: the density per layer × module kind as a labelled heatmap (tag
+    ``fish/mask_anatomy``, :func:`~fish_lightning.masker.anatomy_image.anatomy_figure`; rows = layers, columns =
+    kinds) and a histogram of log10 of the Fisher scores."""
+    writers = [lg.experiment for lg in trainer.loggers if hasattr(getattr(lg, "experiment", None), "add_figure")]
     if not writers or trainer.global_rank != 0:
         return
+    from fish_lightning.masker.anatomy_image import anatomy_figure  # matplotlib, only with a TensorBoard logger
+
     anatomy = mask_anatomy(mask.kept, {n: p.numel() for n, p in params.items()})
-    grid = torch.tensor([[d if d is not None else 0.0 for d in row] for row in anatomy["density"]])
-    image = grid.repeat_interleave(8, 0).repeat_interleave(8, 1).unsqueeze(0)
     scores = torch.cat([f.detach().reshape(-1).float().cpu() for f in fisher.values()]) if fisher else None
     for w in writers:
-        w.add_image("fish/mask_anatomy", image, global_step=trainer.global_step)
-        w.add_text("fish/mask_anatomy_axes", f"rows: layers {anatomy['layers']}; columns: {anatomy['kinds']}",
-                   global_step=trainer.global_step)  # fmt: skip
+        w.add_figure("fish/mask_anatomy", anatomy_figure(anatomy), global_step=trainer.global_step, close=True)
         if scores is not None and scores.numel():
             w.add_histogram("fish/log10_fisher", scores.clamp_min(1e-30).log10(), global_step=trainer.global_step)
 
