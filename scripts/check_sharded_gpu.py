@@ -1,6 +1,6 @@
 """Check FISH under sharded training on a machine with >= 2 CUDA GPUs (what CPU CI cannot run).
 
-1. tests/test_fsdp.py on the GPUs (NCCL) in fp32 and bf16-mixed: FSDP2 (ModelParallelStrategy +
+1. tests/callback/test_fsdp.py on the GPUs (NCCL) in fp32 and bf16-mixed: FSDP2 (ModelParallelStrategy +
    fully_shard) vs DDP: exactly k kept over the shards, the same masks as DDP, Fisher within 1e-5,
    frozen entries bit-identical under AdamW with weight decay.
 2. Lightning's FSDPStrategy (FSDP1) and, if installed, DeepSpeedStrategy (ZeRO-2) are refused at
@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_on_gpu(precision: str) -> bool:
     env = dict(os.environ, FISH_ACCELERATOR="gpu", FISH_PRECISION=precision)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fsdp.py",
-                           "-k", "masks_equal_ddp"], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/callback/test_fsdp.py", "-k", "masks_equal_ddp"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
     print(f"[{'ok' if proc.returncode == 0 else 'FAILED'}] FSDP2 vs DDP on 2 GPUs, precision={precision}: "
           f"{proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]}")  # fmt: skip
     return proc.returncode == 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -11,6 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+# the tests mirror the source layers (core, masker, callback, integrations, adapters, app, scripts); a test module
+# may share fixtures with another layer's by name (``from test_peft_e2e import token_batches``)
+for _layer in sorted(Path(__file__).resolve().parent.iterdir()):
+    if _layer.is_dir() and _layer.name not in ("fixtures", "__pycache__") and str(_layer) not in sys.path:
+        sys.path.append(str(_layer))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -192,8 +192,9 @@ def test_default_candidates_skip_peft_modules_to_save_and_include_exclude():
 
 
 def test_density_logged_to_trainer_logger(tmp_path, monkeypatch):
-    from fish_lightning.masker.frozen import FrozenMask
     from lightning.pytorch.loggers import CSVLogger
+
+    from fish_lightning.masker.frozen import FrozenMask
 
     cb = FisherMaskCallback(sparsity=0.75, warmup_steps=2, mask_epoch=1)
     fit(cb, max_epochs=2, logger=CSVLogger(tmp_path, name="x"))

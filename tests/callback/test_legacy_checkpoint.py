@@ -8,7 +8,7 @@ import torch
 from conftest import TinyClassifier, make_loader, make_trainer
 from fish_lightning import FisherMaskCallback
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 EXTRA = {"dense": {}, "sparse_state": {"sparse_optimizer_state": True}}
 
 

@@ -18,7 +18,7 @@ import fish_lightning
 from fish_lightning.app.classification_data import DataError, TextClassificationData
 
 PACKAGE = Path(fish_lightning.__file__).parent
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def composed(tmp_path, *overrides):

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_gpu.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_gpu.py"
 
 
 def test_check_gpu_dry_run_writes_json_and_markdown(tmp_path):

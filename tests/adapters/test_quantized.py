@@ -14,13 +14,14 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from test_fish_train import composed  # noqa: E402
+from test_causal_lm import CONFIGS, WRAPPED, lm_batch, lm_loader, rel_err  # noqa: E402
+
 from conftest import SnapshotAtFreeze, make_trainer, params_of  # noqa: E402
 from fish_lightning import FisherMaskCallback  # noqa: E402
 from fish_lightning.adapters.decoders import QUANTIZATIONS, apply_decoder_peft, build_causal_lm  # noqa: E402
 from fish_lightning.app.causal_lm import CausalLM  # noqa: E402
 from fish_lightning.core.fisher import PerExampleSquaredGrads, per_example_fisher, per_example_fisher_hooks  # noqa: E402
-from test_app import composed  # noqa: E402
-from test_causal_lm import CONFIGS, WRAPPED, lm_batch, lm_loader, rel_err  # noqa: E402
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

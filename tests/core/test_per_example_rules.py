@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from test_causal_lm import CONFIGS, lm_batch
+from test_peft_e2e import TINY
+from test_peft_methods import CONF, EXPECTED
 from torch import nn
 
 from fish_lightning.adapters.decoders import apply_decoder_peft, build_causal_lm
 from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
 from fish_lightning.core.fisher import PerExampleSquaredGrads, per_example_fisher, per_example_fisher_hooks
 from fish_lightning.core.per_example import Rule, register_rule
-from test_causal_lm import CONFIGS, lm_batch
-from test_peft_e2e import TINY
-from test_peft_methods import CONF, EXPECTED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-4

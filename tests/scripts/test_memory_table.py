@@ -13,15 +13,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from test_causal_lm import lm_batch, lm_loader
 
 from conftest import make_trainer
 from fish_lightning import FisherMaskCallback
 from fish_lightning.adapters.decoders import apply_decoder_peft, build_causal_lm
 from fish_lightning.app.causal_lm import CausalLM
 from fish_lightning.core.fisher import PerExampleSquaredGrads
-from test_causal_lm import lm_batch, lm_loader
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "memory_table.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "memory_table.py"
 spec = importlib.util.spec_from_file_location("memory_table", SCRIPT)
 memory_table = importlib.util.module_from_spec(spec)
 sys.modules["memory_table"] = memory_table  # dataclasses look their module up there
@@ -36,7 +36,7 @@ TINY = dict(hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attent
 N, TENSORS, PACKED = 496, 28, 62
 # FSDP2: one module call (one LoRA matrix, an nn.Linear) at a time; the largest, down's A or gate/up's B: 24 entries
 CALL, GATE_B = 4 * 24, "base_model.model.model.layers.0.mlp.gate_proj.lora_B.default"  # the first of them
-DOC = Path(__file__).resolve().parents[1] / "docs" / "memory_7b.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "memory_7b.md"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)

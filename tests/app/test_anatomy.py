@@ -1,4 +1,4 @@
-"""Mask anatomy (issue 17): candidate names -> (layer, kind); the layers × kinds grid; the TensorBoard image and
+"""Mask anatomy: candidate names -> (layer, kind); the layers × kinds grid; the TensorBoard image and
 Fisher histogram the callback logs at the freeze."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py: 2-rank CPU DDP (gloo); each rank saves its masks and Fisher.
+"""Run by tests/callback/test_ddp.py: 2-rank CPU DDP (gloo); each rank saves its masks and Fisher.
 
 Usage: python ddp_script.py OUT_DIR {warmup,calibration,sparse,full,resume}
 """
@@ -9,7 +9,7 @@ import sys
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # conftest
 from conftest import TinyClassifier, make_loader  # noqa: E402
 from fish_lightning import FisherMaskCallback  # noqa: E402
 

@@ -19,7 +19,7 @@ from fish_lightning.adapters.models import ADDED_TENSORS
 from fish_lightning.app.train import build_fish, is_decoder_peft
 from fish_lightning.core.candidates import find_candidates
 
-CONF = Path(__file__).resolve().parents[1] / "src" / "fish_lightning" / "conf"
+CONF = Path(__file__).resolve().parents[2] / "src" / "fish_lightning" / "conf"
 HUB_MODELS = {"bert_base", "roberta_base", "gpt2", "tinyllama"}  # need the network: composed and resolved, not loaded
 
 
@@ -27,7 +27,7 @@ def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-# instruction data for causal LMs (fish_lightning.app.instruction_data): instantiated and run in tests/test_causal_lm.py
+# instruction data for causal LMs (fish_lightning.app.instruction_data): run in tests/adapters/test_causal_lm.py
 INSTRUCTION_DATA = {o for o in options("data") if "InstructionData" in (CONF / "data" / f"{o}.yaml").read_text()}
 
 
@@ -88,7 +88,8 @@ def test_fish_options_instantiate(opt, tmp_path):
 
 
 def test_fish_config_keys_are_the_callback_parameters(tmp_path):
-    params = [n for n in inspect.signature(FisherMaskCallback.__init__).parameters if n != "self"]
+    params = [n for n, p in inspect.signature(FisherMaskCallback.__init__).parameters.items()
+              if n != "self" and p.kind != p.KEYWORD_ONLY]  # (settings=: the keywords as one object)
     for opt in sorted(set(options("fish")) - {"off"}):
         keys = set(composed(["model=tiny_bert", f"fish={opt}"], tmp_path).fish) - {"_target_"}
         assert keys == set(params), (opt, keys ^ set(params))
@@ -232,7 +233,7 @@ def test_unknown_group_option_names_choices(tmp_path):
 
 
 def test_scripts_train_py_runs_smoke(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
     env = dict(os.environ, FISH_CACHE_DIR=str(tmp_path / "cache"), PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, str(script), "experiment=tiny", "data.train_samples=64",
                            "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/run"],
@@ -241,7 +242,7 @@ def test_scripts_train_py_runs_smoke(tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "ok"
 
 
-# ------------------------------------------------------------------ artifacts, checkpoints, resume (issue 16)
+# ------------------------------------------------------------------ artifacts, checkpoints, resume
 KEEP = ["experiment=tiny", "data.train_samples=64", "data.val_samples=32", "data.batch_size=16",
         "checkpoint.every_n_train_steps=3", "trainer.deterministic=true",
         "trainer.enable_progress_bar=false"]  # fmt: skip
@@ -370,7 +371,7 @@ def test_sigkill_then_resume_is_bit_identical(kill_at, kept_run, tmp_path_factor
     run_dir = root / "run"
     kill = ["+callbacks.kill._target_=conftest.KillAfterCheckpoint",
             f"+callbacks.kill.path={run_dir}/checkpoints/last.ckpt", f"+callbacks.kill.at_step={kill_at}"]  # fmt: skip
-    tests = str(Path(__file__).resolve().parent)  # conftest importable in the child
+    tests = str(Path(__file__).resolve().parents[1])  # conftest importable in the child
     proc = _cli([*KEEP, *kill, f"hydra.run.dir={run_dir}"], root, PYTHONPATH=tests)
     assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL
     assert not (run_dir / "adapter").exists() and (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -397,7 +398,7 @@ def test_multirun_resumes_job_by_job(kept_run, tmp_path_factory):
     sweep = root / "sweep"
     kill = ["+callbacks.kill._target_=conftest.KillAfterCheckpoint",
             "+callbacks.kill.path=${hydra:runtime.output_dir}/checkpoints/last.ckpt"]  # fmt: skip
-    tests = str(Path(__file__).resolve().parent)
+    tests = str(Path(__file__).resolve().parents[1])
     proc = _cli(["-m", *KEEP, *kill, "+callbacks.kill.at_step=1000,7", f"hydra.sweep.dir={sweep}"], root,
                 PYTHONPATH=tests)  # fmt: skip
     assert proc.returncode == -9, proc.stderr[-3000:]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_peft_e2e import TINY, token_batches
 from torch import nn
 
 from conftest import SnapshotAtFreeze, make_trainer, params_of
@@ -17,9 +18,8 @@ from fish_lightning.adapters.bottleneck import BottleneckAdapter, add_adapters
 from fish_lightning.adapters.models import ADDED_TENSORS, PEFT_METHODS, apply_peft, build_sequence_classifier
 from fish_lightning.app.classifier import SequenceClassifier
 from fish_lightning.core.candidates import ALWAYS_TRAINED_ATTR, check_supported, find_candidates
-from test_peft_e2e import TINY, token_batches
 
-CONF = Path(__file__).resolve().parents[1] / "src" / "fish_lightning" / "conf" / "peft"
+CONF = Path(__file__).resolve().parents[2] / "src" / "fish_lightning" / "conf" / "peft"
 LAYERS = range(TINY["num_hidden_layers"])
 PEFT_PREFIX, PLAIN_PREFIX = "model.base_model.model.bert.encoder.layer", "model.bert.encoder.layer"
 PEFT_HEAD = {f"model.base_model.model.classifier.modules_to_save.default.{p}" for p in ("weight", "bias")}

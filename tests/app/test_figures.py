@@ -11,7 +11,7 @@ import torch
 from fish_lightning.app.anatomy_plot import anatomy_panels_figure
 from fish_lightning.app.report_plots import anatomy_panels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _grid(kept):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from test_peft_e2e import TINY
 from torch import nn
 
 from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
@@ -12,7 +13,6 @@ from fish_lightning.core.fisher import (
     per_example_fisher_hooks,
     slice_batch,
 )
-from test_peft_e2e import TINY
 
 
 def _compare(model, loss_fn, batch, params, tol=1e-5):

@@ -1,4 +1,4 @@
-"""Run by tests/test_fsdp.py: 2-rank CPU (gloo) training of a LoRA tiny BERT under FSDP2
+"""Run by tests/callback/test_fsdp.py: 2-rank CPU (gloo) training of a LoRA tiny BERT under FSDP2
 (Lightning's ModelParallelStrategy + ``fully_shard``) or DDP; rank 0 saves the gathered masks,
 Fisher and parameters.
 
@@ -15,11 +15,12 @@ import sys
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # conftest
+from test_peft_e2e import lora_module, token_batches  # noqa: E402
+
 from fish_lightning import FisherMaskCallback  # noqa: E402
 from fish_lightning.app.classifier import SequenceClassifier  # noqa: E402
 from fish_lightning.masker.collectives import gather_whole  # noqa: E402
-from test_peft_e2e import lora_module, token_batches  # noqa: E402
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ import warnings
 
 import pytest
 import torch
+from test_fish_train import composed
+from test_peft_e2e import TINY
 from torch.utils.data import DataLoader
 
 from conftest import SnapshotAtFreeze, make_trainer, params_of
@@ -20,8 +22,6 @@ from fish_lightning.app.causal_lm import IGNORE_INDEX, CausalLM, response_nll
 from fish_lightning.app.classification_data import DataError
 from fish_lightning.app.instruction_data import Example, InstructionData, encode_example, instruction_collate
 from fish_lightning.core.fisher import PerExampleSquaredGrads, per_example_fisher, per_example_fisher_hooks
-from test_app import composed
-from test_peft_e2e import TINY
 
 VOCAB = 97
 WRAPPED = {"gpt2": 4, "llama": 7}  # LoRA-wrapped layers per block: GPT-2's c_proj is in attn and mlp

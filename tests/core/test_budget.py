@@ -6,6 +6,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from test_peft_e2e import token_batches
 
 from conftest import make_trainer
 from fish_lightning import FisherMaskCallback
@@ -15,7 +16,6 @@ from fish_lightning.app.classifier import SequenceClassifier
 from fish_lightning.app.train import ConfigError, _budget_kept, _validate, build_fish
 from fish_lightning.core.budget import count_candidates, count_trainable_entries, match_kept, match_sparsity
 from fish_lightning.core.selection import num_kept
-from test_peft_e2e import token_batches
 
 TINY = tiny_config("bert")
 H = TINY["hidden_size"]

@@ -13,7 +13,7 @@ import pytest
 
 from fish_lightning.app.report import CRASHED, collect_runs, main, summarize, write_report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACC = {("lora+fisher", 0.5): 0.84, ("lora+fisher", 0.9): 0.80, ("lora+random", 0.5): 0.78, ("lora+random", 0.9): 0.70}
 
@@ -203,7 +203,7 @@ def test_script_wrapper(sweep: Path, tmp_path: Path) -> None:
     assert (out / "metric_vs_params.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
-# ------------------------------------------------------------------ mask anatomy panels (issue 17)
+# ------------------------------------------------------------------ mask anatomy panels
 def _anatomy(kept_per_cell: list[list[int]], total: int = 100) -> dict:
     layers = [*range(len(kept_per_cell) - 1), None]
     kinds = ["attention.query.lora_A", "attention.value.lora_B"]

@@ -1,5 +1,5 @@
 """Promises off the happy path: manual optimization, a second fit, closure and factored optimizers, calibration,
-checkpoints loaded outside fit (issue 14). Tiny MLP, seconds each."""
+checkpoints loaded outside fit. Tiny MLP, seconds each."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_peft_e2e import token_batches as e2e_token_batches
 
 from conftest import make_trainer
 from fish_lightning import FisherMaskCallback
@@ -29,9 +30,8 @@ from fish_lightning.adapters.models import apply_peft, build_sequence_classifier
 from fish_lightning.adapters.seeded_init import canonical_names, init_values, recorded_seed, seeded_init_
 from fish_lightning.adapters.tiny import tiny_config
 from fish_lightning.app.classifier import SequenceClassifier
-from test_peft_e2e import token_batches as e2e_token_batches
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
 BASE_SEED, INIT_SEED = 0, 1234
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_peft_e2e import lora_module, token_batches
 
 from conftest import SnapshotAtFreeze, TinyClassifier, make_loader, make_trainer
 from fish_lightning import FisherMaskCallback, num_kept
 from fish_lightning.core.sparse_state import CompactOptimizer, optimizer_state_bytes
-from test_peft_e2e import lora_module, token_batches
 
 
 def make_cb(sparse, **kw):
