@@ -21,13 +21,13 @@ optimizer steps:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -38,10 +38,11 @@ from fish_lightning.masker.checks import check_budget, load_given_masks
 from fish_lightning.masker.frozen import report_verify
 from fish_lightning.masker.masker import FishMasker
 from fish_lightning.masker.settings import FishSettings
+from fish_lightning.masker.view import MaskerView
 from fish_lightning.masker.warmup import inverse_loss_scale
 
 
-class FisherMaskCallback(Callback):
+class FisherMaskCallback(MaskerView, Callback):
     """Train only the top-Fisher fraction of a model's (PEFT) parameters.
 
     Args:
@@ -141,52 +142,7 @@ class FisherMaskCallback(Callback):
             raise AttributeError(f"FisherMaskCallback.{name} is read-only: the settings are validated once")
         super().__setattr__(name, value)
 
-    # ------------------------------------------------------------------ public, read-only (the masker's)
-    @property
-    def frozen(self) -> bool:
-        """Whether the mask has been selected and is being enforced."""
-        return self.masker.frozen
-
-    @property
-    def masks(self) -> Mapping[str, Tensor] | None:
-        """name -> bool mask (True = trained) after the freeze (this rank's part when sharded), else ``None``."""
-        return self.masker.masks
-
-    @property
-    def fisher(self) -> dict[str, Tensor] | None:
-        """The warmup Fisher before the freeze; after it, the Fisher of the selection on CPU with ``keep_fisher``."""
-        return self.masker.fisher
-
-    @property
-    def num_candidates(self) -> int:
-        """Candidate entries (whole tensors; from the checkpoint's masks when loaded outside fit)."""
-        return self.masker.num_candidates
-
-    @property
-    def num_kept(self) -> int:
-        """Kept candidate entries: exact after the freeze, the target ``k`` before it."""
-        return self.masker.num_kept
-
-    @property
-    def freeze_step(self) -> int | None:
-        """Global step at which the mask was (last) selected; ``None`` before the freeze."""
-        return self.masker.freeze_step
-
-    @property
-    def warmup_steps_done(self) -> int:
-        """Optimizer steps in the warmup Fisher (non-finite ones and steps without a backward excluded)."""
-        return self.masker.warmup_steps_done
-
-    @property
-    def skipped_nonfinite_steps(self) -> int:
-        """Warmup steps left out of the Fisher for a non-finite gradient."""
-        return self.masker.skipped_nonfinite_steps
-
-    @property
-    def reselections(self) -> int:
-        """Re-selections since the freeze (``reselect_every_n_steps``)."""
-        return self.masker.reselections
-
+    # ------------------------------------------------------------------ public, read-only (MaskerView + these)
     @property
     def calibration_examples(self) -> int:
         """Examples in the calibration Fisher (``calibration_samples``)."""
@@ -281,14 +237,6 @@ class FisherMaskCallback(Callback):
         if not self.masker.frozen and warmup is not None and not warmup.reduction_checked and warmup.hooks is not None:
             warmup.check_reduction(trainer, pl_module, outputs, batch)
         self.masker.end_batch(pl_module)
-
-    def verify(self, pl_module: nn.Module | None = None) -> dict[str, Any]:
-        """Check, against hashes taken at the freeze, that no frozen entry moved.
-
-        Returns ``{"frozen_unchanged": bool, "kept": int, "candidates": int, "moved": [names], "untrained":
-        [names]}``: ``moved`` lists tensors whose frozen entries changed, ``untrained`` tensors with kept entries
-        that no optimizer of the fit trains (during fit only)."""
-        return self.masker.verify(pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -35,6 +35,7 @@ from fish_lightning.masker.checks import check_budget, load_given_masks
 from fish_lightning.masker.host import LoopHost
 from fish_lightning.masker.masker import FishMasker
 from fish_lightning.masker.settings import FishSettings
+from fish_lightning.masker.view import MaskerView
 
 #: The file, in each checkpoint folder the Trainer saves, that holds the FISH state (``torch.load``-able with
 #: ``weights_only=True``).
@@ -91,7 +92,7 @@ class TrainerHost:
         return self._dist.broadcast(obj, src)
 
 
-class FishTrainerCallback(TrainerCallback):
+class FishTrainerCallback(MaskerView, TrainerCallback):
     """Train only the top-Fisher fraction of a model's (PEFT) parameters in a ``transformers.Trainer``.
 
     Takes :class:`~fish_lightning.callback.FisherMaskCallback`'s settings (``sparsity``, ``warmup_steps``,
@@ -124,43 +125,7 @@ class FishTrainerCallback(TrainerCallback):
         self._probing = False
         self._honors_num_items: bool | None = None  # decided from the first warmup batch that passes it
 
-    # ------------------------------------------------------------------ public, read-only (the masker's)
-    @property
-    def frozen(self) -> bool:
-        return self.masker.frozen
-
-    @property
-    def masks(self) -> Mapping[str, Tensor] | None:
-        """name -> bool mask (True = trained) after the freeze, else ``None``."""
-        return self.masker.masks
-
-    @property
-    def fisher(self) -> dict[str, Tensor] | None:
-        """The warmup Fisher before the freeze; after it, the Fisher of the selection on CPU with ``keep_fisher``."""
-        return self.masker.fisher
-
-    @property
-    def num_candidates(self) -> int:
-        return self.masker.num_candidates
-
-    @property
-    def num_kept(self) -> int:
-        """Kept candidate entries: exact after the freeze, the target ``k`` before it."""
-        return self.masker.num_kept
-
-    @property
-    def freeze_step(self) -> int | None:
-        """The Trainer's ``global_step`` when the mask was selected; ``None`` before the freeze."""
-        return self.masker.freeze_step
-
-    @property
-    def warmup_steps_done(self) -> int:
-        return self.masker.warmup_steps_done
-
-    def verify(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """Check, against hashes taken at the freeze, that no frozen entry moved: ``{"frozen_unchanged": bool,
-        "kept": int, "candidates": int, "moved": [names], "untrained": [names]}``."""
-        return self.masker.verify(model)
+    # ------------------------------------------------------------------ public, read-only: MaskerView
 
     def state_dict(self) -> dict[str, Any]:
         return self.masker.state_dict()
