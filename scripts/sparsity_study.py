@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     out = Path(args.out)
+    if args.report_only and not out.is_dir():
+        print(f"sparsity_study.py: --out {out} does not exist: nothing to report", file=sys.stderr)
+        return 2
     runs = plan(args)
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
