@@ -90,7 +90,7 @@ def test_sparsity_study_quick(tmp_path):
 
 
 def test_sparsity_study_plan():
-    from sparsity_study import PRIORITY, parse, plan
+    from sparsity_study import GRIDS, PRIORITY, parse, plan
 
     args = parse(["--out", "/tmp/unused"])
     runs = plan(args)
@@ -101,7 +101,7 @@ def test_sparsity_study_plan():
     order = list(dict.fromkeys(r.method for r in stsb))
     assert order == list(PRIORITY)
     first = [r for r in stsb if r.method == order[0]]
-    assert [r.stage for r in first] == ["grid"] * 3 + ["final"] * 3  # a method's grid, then its seeds
+    assert [r.stage for r in first] == ["grid"] * len(GRIDS["head"]) + ["final"] * 3  # its grid, then its seeds
     fisher = next(r for r in stsb if r.method == "lora-r8+fisher@1%")
     assert "fish.sparsity=0.99" in fisher.overrides and "fish.warmup_steps=10" in fisher.overrides
     calib = next(r for r in stsb if r.method == "full+fisher@0.5%-calibration")
