@@ -106,17 +106,17 @@ def anatomy(out: Path, runs: list[Run]) -> dict[str, dict[str, Any]]:
 
 
 def verdicts(table: dict[str, dict[str, Any]], seeds: int) -> list[str]:
-    """Comparisons whose both sides have all their seeds (FISH vs random, reverse, vanilla; gain over head-only)."""
+    """Comparisons whose both sides have all their seeds: FISH vs random, reverse and vanilla at each budget, every
+    method vs head-only (the adapter's gain), calibration vs warmup Fisher, the FISH Mask vs dense and random."""
     out = []
     for budget in ("25%", "6.25%", "1%", "0.1%"):
         fish = f"lora-r8+fisher@{budget}"
-        for other in (f"lora-r8+random@{budget}", f"lora-r8+reverse@{budget}", "lora-r2" if budget == "25%" else "",
-                      "head-only"):  # fmt: skip
+        for other in (f"lora-r8+random@{budget}", f"lora-r8+reverse@{budget}", "lora-r2" if budget == "25%" else ""):
             line = _vs(table, fish, other, seeds) if other else None
             if line:
                 out.append(line)
-    for a, b in (("lora-r8+fisher@1%-calibration", "lora-r8+fisher@1%"), ("lora-r1", "head-only"),
-                 ("lora-r2", "head-only"), ("full+fisher@0.5%-calibration", "full"),
+    out += [line for m in table if m != "head-only" and (line := _vs(table, m, "head-only", seeds))]
+    for a, b in (("lora-r8+fisher@1%-calibration", "lora-r8+fisher@1%"), ("full+fisher@0.5%-calibration", "full"),
                  ("full+fisher@0.5%-calibration", "full+random@0.5%"), ("full+fisher@0.5%", "full"),
                  ("full+fisher@0.5%", "full+random@0.5%"), ("full+random@0.5%", "full"),
                  ("full+fisher@0.1%-calibration", "full+random@0.1%")):  # fmt: skip
