@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from test_fish_train import composed
+from test_config_composition import composed
 from test_peft_e2e import TINY
 from torch.utils.data import DataLoader
 

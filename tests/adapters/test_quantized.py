@@ -15,7 +15,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 
 from test_causal_lm import CONFIGS, WRAPPED, lm_batch, lm_loader, rel_err  # noqa: E402
-from test_fish_train import composed  # noqa: E402
+from test_config_composition import composed  # noqa: E402
 
 from conftest import SnapshotAtFreeze, make_trainer, params_of  # noqa: E402
 from fish_lightning import FisherMaskCallback  # noqa: E402
