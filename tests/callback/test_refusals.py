@@ -147,3 +147,21 @@ def test_kept_above_the_candidates_is_refused_at_fit_start(one_thread):
         make_trainer([FisherMaskCallback(kept=1000, warmup_steps=2, mask_epoch=1)], max_epochs=2).fit(
             TinyClassifier(), make_loader()
         )
+
+
+def test_a_registered_scorer_is_a_selection(one_thread):
+    from fish_lightning.core.selection import SCORERS, register_scorer
+
+    @register_scorer("first_entries", needs_fisher=False)
+    def first(fisher, params, seed):  # keeps the lowest flat indices of each tensor first
+        return {n: -torch.arange(p.numel(), dtype=torch.float32).view(p.shape) for n, p in params.items()}
+
+    try:
+        cb = FisherMaskCallback(sparsity=0.5, selection="first_entries", warmup_steps=2, mask_epoch=1)
+        assert not cb.settings.needs_fisher
+        make_trainer([cb], max_epochs=2).fit(TinyClassifier(), make_loader())
+        assert cb.num_kept == round(0.5 * cb.num_candidates) and cb.fisher is None
+    finally:
+        del SCORERS["first_entries"]
+    with pytest.raises(ValueError, match=r"selection='first_entries' is not valid: expected one of \('fisher'"):
+        FisherMaskCallback(selection="first_entries")
