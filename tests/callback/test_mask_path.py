@@ -59,3 +59,19 @@ def test_a_mask_that_does_not_fit_names_the_first_mismatch(tmp_path):
         FisherMaskCallback(mask_path="nope.safetensors")
     with pytest.raises(ValueError, match="cannot be combined with calibration_samples"):
         FisherMaskCallback(mask_path=path, calibration_samples=4)
+
+
+def test_mask_path_resumed_before_the_freeze_still_applies_the_file(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    g = torch.Generator().manual_seed(3)
+    given = {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in TinyClassifier().named_parameters()}
+    save_mask(given, tmp_path / "mask.safetensors")
+    kw = dict(mask_path=str(tmp_path / "mask.safetensors"), warmup_steps=2, mask_epoch=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    make_trainer([FisherMaskCallback(**kw), ckpt], max_epochs=3, enable_checkpointing=True).fit(
+        TinyClassifier(), make_loader()
+    )
+    cb = FisherMaskCallback(**kw)
+    make_trainer([cb], max_epochs=3).fit(TinyClassifier(), make_loader(), ckpt_path=tmp_path / "epoch=0.ckpt")
+    assert all(torch.equal(cb.masks[n], m) for n, m in given.items()) and cb.verify()["frozen_unchanged"]

@@ -184,7 +184,7 @@ class FisherMaskCallback(MaskerView, Callback):
         m.bind(pl_module, trainer)
         sharded = check_strategy(self.settings, trainer, m.params)
         given = None
-        if self.mask_path is not None and m.mask is None and restored is None:
+        if self.mask_path is not None and m.mask is None:
             given = load_given_masks(self.mask_path, m.params)
         elif m.mask is None and (restored is None or restored.get("masks") is None) and self.mask_path is None:
             check_budget(self.settings, m.params)
