@@ -16,7 +16,7 @@ from fish_lightning.app.errors import ConfigError
 from fish_lightning.app.lean_checkpoint import FROZEN_KEY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ARGS = ["experiment=smoke", "data.train_samples=64", "data.val_samples=32", "data.batch_size=16",
+ARGS = ["experiment=tiny", "data.train_samples=64", "data.val_samples=32", "data.batch_size=16",
         "checkpoint.every_n_train_steps=3", "trainer.deterministic=true",
         "trainer.enable_progress_bar=false"]  # fmt: skip
 

@@ -125,10 +125,10 @@ def test_causal_lm_run_reloads_with_its_outputs(tmp_path, glue_dir):
 
 
 def test_full_fine_tuning_and_bottleneck_runs_reload(tmp_path):
-    full = train_run(tmp_path / "full", "experiment=smoke", "peft=none", "fish=off", "data.train_samples=32")
+    full = train_run(tmp_path / "full", "experiment=tiny", "peft=none", "fish=off", "data.train_samples=32")
     assert (full / "model").is_dir()
     assert_same_outputs(load_run(full), full)
-    houlsby = train_run(tmp_path / "houlsby", "experiment=smoke", "peft=houlsby", "model.net.pooling=mean")
+    houlsby = train_run(tmp_path / "houlsby", "experiment=tiny", "peft=houlsby", "model.net.pooling=mean")
     assert (houlsby / "adapter" / "trainable.safetensors").is_file()
     assert_same_outputs(load_run(houlsby), houlsby)
 

@@ -115,7 +115,7 @@ def test_data_csv_trains_on_a_users_file(tmp_path):
     from fish_lightning.app.train import run
 
     file = write_csv(tmp_path / "reviews.csv")
-    cfg = composed(tmp_path, "experiment=smoke", "data=csv", f"data.path={file}", "data.max_length=16",
+    cfg = composed(tmp_path, "experiment=tiny", "data=csv", f"data.path={file}", "data.max_length=16",
                    "data.train_samples=null", "data.val_samples=null", "logger=none",
                    "checkpoint.every_n_train_steps=null", f"trainer.default_root_dir={tmp_path}",
                    "trainer.enable_progress_bar=false", "fish.warmup_steps=2")  # fmt: skip
