@@ -1,7 +1,8 @@
 """Messages of the FISH lifecycle: printed once (by rank 0) whatever runs the loop.
 
-``info`` goes to the ``fish_lightning`` logger (a stream handler of its own at INFO level when the root logger has
-none, as Lightning does for its logger); ``warn`` is a ``UserWarning``.
+``info`` goes to the ``fish_lightning`` logger at INFO level: to whatever handlers the application configured (it
+propagates: Hydra's console and ``train.log``, pytest's capture), and, while the root logger has no handler at all
+(a plain script), to stderr; ``warn`` is a ``UserWarning``.
 """
 
 from __future__ import annotations
@@ -10,11 +11,19 @@ import logging
 import os
 import warnings
 
+
+class _UnlessConfigured(logging.StreamHandler):
+    """stderr, only while the root logger has no handler (logging not configured by the application)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
 log = logging.getLogger("fish_lightning")
 log.setLevel(logging.INFO)
-if not logging.getLogger().hasHandlers() and not log.handlers:
-    log.addHandler(logging.StreamHandler())
-    log.propagate = False
+if not any(isinstance(h, _UnlessConfigured) for h in log.handlers):
+    log.addHandler(_UnlessConfigured())
 
 
 def rank() -> int:
