@@ -15,7 +15,8 @@ import sys
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # conftest
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [TESTS, os.path.join(TESTS, "adapters")]  # conftest, and the LoRA module of the adapter tests
 from test_peft_e2e import lora_module, token_batches  # noqa: E402
 
 from fish_lightning import FisherMaskCallback  # noqa: E402
