@@ -66,6 +66,7 @@ class Run:
     seed: int = 0
     lr: float | None = None  # None: the rate chosen on the grid (final runs)
     after: list[Path] = field(default_factory=list)  # grid runs a final run waits for
+    head_from: list[Path] = field(default_factory=list)  # a grid whose chosen rate is this run's optim.head_lr
 
     def dir(self, out: Path) -> Path:
         return out / self.stage / self.task / self.method / self.label
@@ -242,11 +243,17 @@ def work(args: argparse.Namespace, runs: list[Run]) -> None:
                         attempted.add(r.dir(out))
                         print(f"{r.task} {r.method}: no grid rate gave a finite holdout metric; skipped", flush=True)
                         continue
+                extra = []
+                if r.head_from:
+                    head_lr, finished = chosen_lr(r.task, r.head_from)
+                    if not finished:
+                        continue
+                    extra = [f"optim.head_lr={head_lr}"] if head_lr is not None else []
                 if not _claim(r.dir(out)):
                     continue
                 attempted.add(r.dir(out))
                 try:
-                    _execute(r, lr, out, compose, train_run)
+                    _execute(r, lr, out, compose, train_run, extra)
                 finally:
                     (r.dir(out) / CLAIM).unlink(missing_ok=True)
                 started = True
@@ -255,9 +262,10 @@ def work(args: argparse.Namespace, runs: list[Run]) -> None:
                 time.sleep(5)  # waiting for another worker's claims or grid runs
 
 
-def _execute(r: Run, lr: float | None, out: Path, compose, train_run) -> None:
+def _execute(r: Run, lr: float | None, out: Path, compose, train_run, extra: list[str] | None = None) -> None:
     run_dir = r.dir(out)
-    overrides = [*r.overrides, f"optim.lr={lr}"] if r.stage == "final" else r.overrides
+    overrides = [*r.overrides, f"optim.lr={lr}"] if r.stage == "final" else list(r.overrides)
+    overrides += extra or []
     cfg = compose("train", overrides=[f"trainer.default_root_dir={run_dir}", *overrides])
     t0 = time.time()
     try:

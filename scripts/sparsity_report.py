@@ -38,8 +38,10 @@ def collect(out: Path, runs: list[Run]) -> list[dict[str, Any]]:
         rec = _load(r.dir(out) / "results.json") or {}
         ok = rec.get("status") == "ok"
         lr = [o.split("=", 1)[1] for o in rec.get("overrides", []) if o.startswith("optim.lr=")]
+        head_lr = [o.split("=", 1)[1] for o in rec.get("overrides", []) if o.startswith("optim.head_lr=")]
         rows.append({"stage": r.stage, "task": r.task, "method": r.method, "run": r.label, "seed": r.seed,
                      "status": rec.get("status", "not run"), "lr": lr[-1] if lr else "",
+                     "head_lr": head_lr[-1] if head_lr else "",
                      "metric": METRIC[r.task], "value": rec.get("metrics", {}).get(METRIC[r.task]) if ok else None,
                      "trainable": rec.get("trainable_params"), "kept": rec.get("kept"),
                      "wall_s": rec.get("wall_time_s"), "reused": bool(rec.get("reused_from"))})  # fmt: skip
@@ -171,6 +173,11 @@ def task_section(rows: list[dict[str, Any]], task: str, seeds: int, anat: dict[s
     return lines
 
 
+def _head_rate(rows: list[dict[str, Any]], task: str) -> str:
+    rates = {r["head_lr"] for r in rows if r["task"] == task and r["head_lr"]}
+    return "/".join(sorted(rates))
+
+
 def write_all(out: Path, args: argparse.Namespace, runs: list[Run], publish: Path | None) -> Path:
     """Write ``study.md``, ``runs.csv``, ``anatomy.json`` and the curves to ``out`` (and copy them to ``publish``)."""
     from fish_lightning.app.report_plots import plot_metric_vs_params
@@ -191,8 +198,13 @@ def write_all(out: Path, args: argparse.Namespace, runs: list[Run], publish: Pat
             f"Runs finished: {len(done)} of {len(rows)} planned ({len(done) - len(fresh)} reused from "
             f"scripts/reproduce.py's study); the new runs' training wall times sum to "
             f"{sum(r['wall_s'] or 0 for r in fresh) / 60:.0f} min, the study's wall time (summed over invocations) "
-            f"was {timing.get('seconds', float('nan')) / 60:.0f} min. Resume: `{study_command(args)} --reuse "
-            "docs/results`.", ""]  # fmt: skip
+            f"was {timing.get('seconds', float('nan')) / 60:.0f} min. Resume: `{study_command(args)}"
+            f"{' --reuse docs/results' if args.reuse else ''}`.", ""]  # fmt: skip
+    if args.head_lr == "chosen":
+        rates = ", ".join(f"{t}: {h}" for t in tasks if (h := _head_rate(rows, t)))
+        head += ["Every method's classification head trains at its own rate (`optim.head_lr`): the rate head-only "
+                 f"chose on the holdout for that task ({rates or 'not chosen yet'}); the grids below are the "
+                 "adapter's (or encoder's) rate.", ""]  # fmt: skip
     body: list[str] = []
     for task in tasks:
         body += task_section(rows, task, args.seeds, anat)

@@ -47,7 +47,7 @@ LORA_BUDGETS = {"25%": 0.75, "6.25%": 0.9375, "1%": 0.99, "0.1%": 0.999}  # name
 FULL_BUDGETS = {"0.5%": 0.995, "0.1%": 0.999}
 #: learning-rate grids per family: sparse masks need larger rates than dense training
 GRIDS = {
-    "head": (3e-3, 1e-2, 3e-2, 1e-1),  # the head alone learns slowly: its best rate is large
+    "head": (1e-2, 3e-2, 1e-1, 3e-1),  # the head alone learns slowly: its best rate is large
     "lora": (1e-3, 3e-3, 1e-2),  # vanilla LoRA and masks at 25% (the grid of scripts/reproduce.py)
     "lora-sparse": (3e-3, 1e-2, 3e-2),  # masks below 25%
     "full": (3e-5, 1e-4, 3e-4),
@@ -60,11 +60,11 @@ HEAD_ONLY = ["peft=none", "fish=off", "+callbacks.head_only._target_=fish_lightn
 FULL = ["peft=none", "fish.exclude=[classifier]"]
 #: the order runs go in (a study cut short holds the first methods whole)
 PRIORITY = (
-    "head-only", "lora-r8+fisher@1%", "lora-r8+random@1%", "lora-r8+fisher@6.25%", "lora-r8+random@6.25%",
-    "lora-r8+reverse@1%", "lora-r8+reverse@6.25%", "lora-r1", "lora-r2", "lora-r8", "lora-r8+fisher@25%",
-    "lora-r8+random@25%", "lora-r8+reverse@25%", "full", "full+fisher@0.5%-calibration", "full+random@0.5%",
-    "full+fisher@0.5%", "lora-r8+fisher@1%-calibration", "full+fisher@0.1%-calibration", "full+random@0.1%",
-    "full+fisher@0.1%", "lora-r8+fisher@0.1%", "lora-r8+random@0.1%", "lora-r8+reverse@0.1%",
+    "head-only", "lora-r8+fisher@1%", "lora-r8+random@1%", "lora-r8+fisher@0.1%", "lora-r8+random@0.1%",
+    "lora-r8+fisher@6.25%", "lora-r8+random@6.25%", "lora-r2", "lora-r8", "full", "full+fisher@0.5%-calibration",
+    "full+random@0.5%", "lora-r8+reverse@1%", "lora-r1", "lora-r8+fisher@1%-calibration", "full+fisher@0.5%",
+    "lora-r8+reverse@6.25%", "lora-r8+reverse@0.1%", "lora-r8+fisher@25%", "lora-r8+random@25%",
+    "lora-r8+reverse@25%", "full+fisher@0.1%-calibration", "full+random@0.1%", "full+fisher@0.1%",
 )  # fmt: skip
 #: methods of scripts/reproduce.py's study that are the same runs
 REUSE = {"lora-r2": "lora-r2", "lora-r8": "lora-r8", "lora-r8+fisher@25%": "lora-r8+fisher",
@@ -110,7 +110,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calibration-samples", type=int, default=1024, help="Fisher examples of the calibration masks")
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--pooling", default="mean", choices=("cls", "mean"))
-    ap.add_argument("--reuse", default=None, help="scripts/reproduce.py's output: copy its matching runs")
+    ap.add_argument("--head-lr", default="chosen", choices=("chosen", "shared"),
+                    help="chosen: every method's head trains at head-only's rate chosen on the holdout "
+                         "(optim.head_lr); shared: the head at the method's own rate")  # fmt: skip
+    ap.add_argument("--reuse", default=None, help="scripts/reproduce.py's output: copy its matching runs "
+                                                  "(its heads share the method's rate: only with --head-lr shared)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--quick", action="store_true", help="sst2, 3 small methods, 1 rate, 1 seed, 320 rows, 1 epoch")
     ap.add_argument("--report-only", action="store_true")
@@ -121,11 +125,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.calibration_samples = 64
         args.methods = args.methods or "head-only,lora-r8+fisher@1%,full+fisher@0.5%-calibration"
         args.full_tasks = "sst2"
+    if args.reuse and args.head_lr != "shared":
+        raise SystemExit("sparsity_study.py: --reuse copies runs whose head shares the method's rate: "
+                         "add --head-lr shared, or drop --reuse")  # fmt: skip
     table = method_table()
     wanted = args.methods.split(",") if args.methods else list(PRIORITY)
     unknown = [m for m in wanted if m not in table]
     if unknown:
         raise SystemExit(f"sparsity_study.py: unknown method(s) {unknown}: expected some of {list(PRIORITY)}")
+    if args.head_lr == "chosen" and "head-only" not in wanted:
+        wanted.append("head-only")  # its grid chooses every head's rate
     args.method_list = [m for m in PRIORITY if m in wanted]
     for task in {*args.tasks.split(","), *args.full_tasks.split(",")} - {""}:
         if task not in TASKS:
@@ -135,10 +144,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> list[Run]:
-    """Task-major, then method by method (its grid, then its seeds)."""
+    """Task-major, then method by method (its grid, then its seeds); with ``--head-lr chosen`` every run but
+    head-only's waits for head-only's grid and trains its head at the rate chosen there."""
     common, out, table = common_overrides(args), Path(args.out), method_table()
     runs: list[Run] = []
     for task in args.tasks.split(","):
+        head_grid = [out / "grid" / task / "head-only" / f"lr{lr:g}" for lr in GRIDS["head"]]
+        if args.quick:
+            head_grid = head_grid[1:2]
         for method in args.method_list:
             family, overrides = table[method]
             if family.startswith("full") and task not in args.full_tasks.split(","):
@@ -149,9 +162,12 @@ def plan(args: argparse.Namespace) -> list[Run]:
             lrs = GRIDS[family][1:2] if args.quick else GRIDS[family]
             grid = [Run("grid", task, method, f"lr{lr:g}", [*base, f"data.holdout={args.holdout}", f"optim.lr={lr}",
                                                             "seed=0"], 0, lr) for lr in lrs]  # fmt: skip
-            runs += grid
-            runs += [Run("final", task, method, f"seed{s}", [*base, f"seed={s}"], s, None, [g.dir(out) for g in grid])
-                     for s in range(args.seeds)]  # fmt: skip
+            finals = [Run("final", task, method, f"seed{s}", [*base, f"seed={s}"], s, None, [g.dir(out) for g in grid])
+                      for s in range(args.seeds)]  # fmt: skip
+            if args.head_lr == "chosen" and method != "head-only":
+                for r in grid + finals:
+                    r.head_from = head_grid
+            runs += grid + finals
     return runs
 
 
@@ -246,7 +262,7 @@ def study_command(args: argparse.Namespace) -> str:
     """The command line that resumes this study."""
     opts = {"--tasks": args.tasks, "--full-tasks": args.full_tasks, "--seeds": args.seeds, "--holdout": args.holdout,
             "--train-samples": args.train_samples, "--epochs": args.epochs,
-            "--calibration-samples": args.calibration_samples}  # fmt: skip
+            "--calibration-samples": args.calibration_samples, "--head-lr": args.head_lr}  # fmt: skip
     if args.methods:
         opts["--methods"] = args.methods
     return "nice -n 19 python scripts/sparsity_study.py --threads 1" + "".join(f" {k} {v}" for k, v in opts.items())

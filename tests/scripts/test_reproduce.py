@@ -107,5 +107,12 @@ def test_sparsity_study_plan():
     calib = next(r for r in stsb if r.method == "full+fisher@0.5%-calibration")
     assert {"peft=none", "fish.exclude=[classifier]", "fish.sparsity=0.995", "fish.warmup_steps=0",
             "fish.calibration_samples=1024"} <= set(calib.overrides)  # fmt: skip
+    head_grid = [r.dir(Path(args.out)) for r in first if r.stage == "grid"]
+    assert all(r.head_from == head_grid for r in stsb if r.method != "head-only")  # heads at head-only's rate
+    assert not first[0].head_from
+    shared = plan(parse(["--out", "/tmp/unused", "--head-lr", "shared"]))
+    assert not any(r.head_from for r in shared)
+    with pytest.raises(SystemExit, match="--head-lr shared"):
+        parse(["--reuse", "docs/results"])
     with pytest.raises(SystemExit, match="unknown method"):
         parse(["--methods", "lora-r8+fisher@2%"])

@@ -73,6 +73,7 @@ class CausalLM(LeanCheckpointMixin, pl.LightningModule):
         model: a Hugging Face (peft-wrapped) ``AutoModelForCausalLM``; ``None``: built from ``run_config``.
         lr, weight_decay: AdamW settings; ``warmup_ratio`` of steps with linear LR warmup, then
             linear decay to 0 (``warmup_ratio=None``: constant LR).
+        head_lr: a trained ``score``/``classifier`` head's own rate (``None``: ``lr``).
         run_config: the resolved ``fish-train`` config, saved as hyperparameters (as
             :class:`~fish_lightning.app.classifier.SequenceClassifier`).
     """
@@ -86,6 +87,7 @@ class CausalLM(LeanCheckpointMixin, pl.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float | None = 0.06,
         run_config: dict[str, Any] | None = None,
+        head_lr: float | None = None,
     ) -> None:
         super().__init__()
         if model is None:
@@ -95,7 +97,7 @@ class CausalLM(LeanCheckpointMixin, pl.LightningModule):
         if run_config is not None:
             self.save_hyperparameters(ignore=["model"])
         self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
-        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.lr, self.weight_decay, self.warmup_ratio, self.head_lr = lr, weight_decay, warmup_ratio, head_lr
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self.val_exact_match = torchmetrics.MeanMetric()
 
@@ -129,4 +131,4 @@ class CausalLM(LeanCheckpointMixin, pl.LightningModule):
         self.log("val/exact_match", self.val_exact_match, prog_bar=True, batch_size=b)
 
     def configure_optimizers(self) -> Any:
-        return adamw_linear_warmup(self, self.lr, self.weight_decay, self.warmup_ratio)
+        return adamw_linear_warmup(self, self.lr, self.weight_decay, self.warmup_ratio, self.head_lr)

@@ -37,6 +37,7 @@ class SequenceClassifier(LeanCheckpointMixin, pl.LightningModule):
         metrics: names from :data:`METRICS`, logged on the validation split as ``val/<name>``.
         lr, weight_decay: AdamW settings; ``warmup_ratio`` of steps with linear LR warmup,
             then linear decay to 0 (``warmup_ratio=None``: constant LR).
+        head_lr: the classification head's own rate (``None``: ``lr``); the adapter or encoder keeps ``lr``.
         run_config: the resolved ``fish-train`` config: saved as the module's hyperparameters (what loggers record
             and ``load_from_checkpoint`` rebuilds the model from, :func:`~fish_lightning.app.lean_checkpoint.
             model_from_run_config`).
@@ -51,8 +52,12 @@ class SequenceClassifier(LeanCheckpointMixin, pl.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float | None = 0.06,
         run_config: dict[str, Any] | None = None,
+        head_lr: float | None = None,
     ) -> None:
         super().__init__()
+        check_rate("optim.lr", lr)
+        if head_lr is not None:
+            check_rate("optim.head_lr", head_lr)
         unknown = [m for m in metrics if m not in _METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}: expected some of {METRICS}")
@@ -66,7 +71,7 @@ class SequenceClassifier(LeanCheckpointMixin, pl.LightningModule):
             num_labels = int(model.config.num_labels)
         self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
         self.num_labels = num_labels
-        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.lr, self.weight_decay, self.warmup_ratio, self.head_lr = lr, weight_decay, warmup_ratio, head_lr
         self.val_metrics = nn.ModuleDict({m: _METRICS[m](num_labels) for m in metrics})
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
@@ -98,19 +103,51 @@ class SequenceClassifier(LeanCheckpointMixin, pl.LightningModule):
             self.log(f"val/{name}", metric, prog_bar=True, batch_size=labels.shape[0])
 
     def configure_optimizers(self) -> Any:
-        return adamw_linear_warmup(self, self.lr, self.weight_decay, self.warmup_ratio)
+        return adamw_linear_warmup(self, self.lr, self.weight_decay, self.warmup_ratio, self.head_lr)
 
 
-def adamw_linear_warmup(module: pl.LightningModule, lr: float, weight_decay: float, warmup_ratio: float | None) -> Any:
+#: module names of the task heads the classifiers train densely (BERT/MiniLM ``classifier``, GPT-2/LLaMA ``score``)
+HEAD_NAMES = ("classifier", "score")
+
+
+def adamw_linear_warmup(
+    module: pl.LightningModule,
+    lr: float,
+    weight_decay: float,
+    warmup_ratio: float | None,
+    head_lr: float | None = None,
+    head: tuple[str, ...] = HEAD_NAMES,
+) -> Any:
     """AdamW over ``module``'s trainable parameters; with ``warmup_ratio``, a per-step schedule
     (``transformers.get_linear_schedule_with_warmup``): linear warmup from 0 over that fraction of the run's optimizer
-    steps, then linear decay to 0 (``None``: constant LR)."""
+    steps, then linear decay to 0 (``None``: constant LR).
+
+    ``head_lr``: the task head's own rate (parameters under a module named in ``head``, e.g. peft's
+    ``classifier.modules_to_save``) in a second param group, on the same schedule; ``None``: ``lr`` for all.
+    """
     from transformers import get_linear_schedule_with_warmup
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if head_lr is None:
+        groups: list[dict[str, Any]] = [{"params": [p for _, p in named]}]
+    else:
+        check_rate("optim.head_lr", head_lr)
+        in_head = [any(part in head for part in n.split(".")) for n, _ in named]
+        if not any(in_head):
+            raise ValueError(f"optim.head_lr={head_lr!r} is set, but no trainable parameter is under a module named "
+                             f"{' or '.join(head)}: unset it (null) or train the head")  # fmt: skip
+        groups = [{"params": [p for (_, p), h in zip(named, in_head) if not h]},
+                  {"params": [p for (_, p), h in zip(named, in_head) if h], "lr": head_lr}]  # fmt: skip
+        groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     if warmup_ratio is None:
         return opt
     total = max(1, int(module.trainer.estimated_stepping_batches))
     sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=int(warmup_ratio * total), num_training_steps=total)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def check_rate(name: str, value: Any) -> None:
+    """One line naming ``name`` unless ``value`` is a positive number (booleans and strings refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name}={value!r} is not valid: expected a positive number (a learning rate)")
