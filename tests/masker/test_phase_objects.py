@@ -101,6 +101,7 @@ def test_enforcer_keeps_frozen_entries_and_masks_right_after_backward(sparse):
         assert bool((p.detach()[masks[n]] != before[n][masks[n]]).all()), n
     enforcer.remove()
     assert not enforcer.installed
+    assert type(enforcer).__name__ == ("CompactState" if sparse else "DenseGuard")
 
 
 def test_checkpoint_mask_round_trip_and_preview():

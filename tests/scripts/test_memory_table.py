@@ -136,10 +136,11 @@ class _Probe(pl.Callback):
         opt = trainer.optimizers[0]
         self.state_bytes = _nbytes(v for st in opt.state.values() for v in st.values())
         self.steps = 4 * len(opt.state)
-        pairs = [pair for c in self.fish.enforcer.compact for pair in c.pairs]  # sparse_state.CompactOptimizer
+        compact = getattr(self.fish.enforcer, "compact", [])  # CompactState's sparse_state.CompactOptimizers
+        pairs = [pair for c in compact for pair in c.pairs]
         self.index_bytes, self.value_bytes = _nbytes(i for _, i, _ in pairs), _nbytes(c for _, _, c in pairs)
-        self.resident_index_bytes = sum(c.index_bytes for c in self.fish.enforcer.compact)
-        self.guard_index_bytes = sum(g.index_bytes for g in self.fish.enforcer.guards)
+        self.resident_index_bytes = sum(c.index_bytes for c in compact)
+        self.guard_index_bytes = sum(g.index_bytes for g in getattr(self.fish.enforcer, "guards", []))
 
 
 def _nbytes(tensors) -> int:

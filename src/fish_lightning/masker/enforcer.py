@@ -33,27 +33,21 @@ class CompactMasks(Mapping[str, Tensor]):
         return len(self._names)
 
 
-class MaskEnforcer:
-    """Frozen-entry enforcement over a list of optimizers.
+class Enforcer:
+    """Frozen-entry enforcement over a list of optimizers: what both enforcers share (which optimizers, their
+    param-group layouts as installed, the check that another callback did not rebuild them). Build one with
+    :func:`MaskEnforcer`; :class:`DenseGuard` and :class:`CompactState` are the two kinds."""
 
-    Dense (``sparse=False``): frozen gradients are zeroed and a :class:`FrozenEntryGuard` per optimizer writes the
-    frozen entries back after every step. Sparse: each optimizer is rewired to train compact tensors of the kept
-    entries (:class:`CompactOptimizer`).
-    """
+    sparse = False
 
-    def __init__(self, sparse: bool) -> None:
-        self.sparse = sparse
-        self.guards: list[FrozenEntryGuard] = []
-        self.compact: list[CompactOptimizer] = []
+    def __init__(self) -> None:
         self._optimizers: list[Optimizer] = []
         self._layouts: list[tuple] = []  # each optimizer's param groups (parameter ids) as installed
         self._params: Mapping[str, nn.Parameter] = {}
-        self._handles: list = []  # load_state_dict pre-hooks (sparse)
-        self._view: Mapping[str, Tensor] = {}  # sparse: the masks, rebuilt from the compact optimizers' indices
 
     @property
     def installed(self) -> bool:
-        return bool(self.guards or self.compact)
+        return bool(self._optimizers)
 
     def covers(self, optimizers: Sequence[Optimizer]) -> bool:
         """Installed on exactly these optimizer objects."""
@@ -66,16 +60,77 @@ class MaskEnforcer:
     ) -> None:
         """Enforce ``masks`` on ``optimizers`` (replacing what was installed before)."""
         self.remove()
-        by_param = {params[n]: m for n, m in masks.items()}
         self._optimizers, self._params = list(optimizers), params
-        if self.sparse:
-            self.compact = [CompactOptimizer(opt, by_param) for opt in optimizers]
-            self._view = self.mask_view(params, masks)
-            self._layouts = [layout(opt) for opt in optimizers]
-            self._handles = [opt.register_load_state_dict_pre_hook(self._before_state_load) for opt in optimizers]
-            return
-        self.guards = [FrozenEntryGuard(opt, by_param, snapshot_in_pre_hook=False) for opt in optimizers]
+        self._install({params[n]: m for n, m in masks.items()}, masks)
         self._layouts = [layout(opt) for opt in optimizers]
+
+    def intact(self) -> bool:
+        """The optimizers' param groups still hold exactly the parameters they held when the mask was installed
+        (another callback, e.g. ``BaseFinetuning``, may rebuild them). Cheap: parameter ids only."""
+        return all(layout(opt) == lay for opt, lay in zip(self._optimizers, self._layouts))
+
+    def untrained(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> list[str]:
+        """Names with kept entries that no installed optimizer trains (their parameter, or its compact tensor,
+        is in none of the param groups)."""
+        if not self.installed:
+            return []
+        held = self._held({id(p) for opt in self._optimizers for g in opt.param_groups for p in g["params"]})
+        return [n for n, m in masks.items() if id(params[n]) not in held and bool(m.any())]
+
+    def mask_view(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """The masks as the masker exposes them while this enforcer holds them."""
+        return masks
+
+    def before_step(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
+        """Right before the optimizer step: the same as :meth:`after_backward`, for gradients that arrived without
+        a Lightning backward."""
+        self.after_backward(params, masks)
+
+    def reselect(
+        self, optimizers: Sequence[Optimizer], params: Mapping[str, nn.Parameter], old: Mapping[str, Tensor],
+        new: Mapping[str, Tensor],
+    ) -> None:  # fmt: skip
+        """Move to a re-selected mask: back to dense parameters, newly kept entries start with zero optimizer
+        state, then enforce ``new``."""
+        self._to_dense()
+        self.remove()
+        for n, m in new.items():
+            newly = m & ~old[n]
+            for opt in optimizers:
+                zero_state_entries(opt, params[n], newly)
+        self.install(optimizers, params, new)
+
+    def remove(self) -> None:
+        """Detach every hook."""
+        self._optimizers, self._layouts = [], []
+
+    # what each kind does
+    def _install(self, by_param: dict[nn.Parameter, Tensor], masks: Mapping[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def _held(self, ids: set[int]) -> set[int]:
+        return ids
+
+    def _to_dense(self) -> None:
+        pass
+
+    def repair(self, masks: Mapping[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def after_backward(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
+        raise NotImplementedError
+
+
+class DenseGuard(Enforcer):
+    """The dense masked step: frozen gradients are zeroed right after each backward and a
+    :class:`FrozenEntryGuard` per optimizer writes the frozen entries back after every step (any optimizer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.guards: list[FrozenEntryGuard] = []
+
+    def _install(self, by_param: dict[nn.Parameter, Tensor], masks: Mapping[str, Tensor]) -> None:
+        self.guards = [FrozenEntryGuard(opt, by_param, snapshot_in_pre_hook=False) for opt in self._optimizers]
         covered = sum(g.num_guarded for g in self.guards)
         partial = sum(1 for m in masks.values() if not bool(m.all()))
         if covered < partial:
@@ -83,22 +138,56 @@ class MaskEnforcer:
                 f"FISH: {partial - covered} masked tensors are in no optimizer of this trainer; they are not guarded"
             )
 
-    def intact(self) -> bool:
-        """The optimizers' param groups still hold exactly the parameters they held when the mask was installed
-        (another callback, e.g. ``BaseFinetuning``, may rebuild them). Cheap: parameter ids only."""
-        return all(layout(opt) == lay for opt, lay in zip(self._optimizers, self._layouts))
+    def repair(self, masks: Mapping[str, Tensor]) -> None:
+        """Re-enforce ``masks`` after the param groups were rebuilt: the guards follow the new groups."""
+        self.install(self._optimizers, self._params, masks)
+
+    def after_backward(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
+        """Right after each backward, before anything (the user's ``clip_gradients``, Lightning's clipping) reads
+        the gradients: frozen gradients zeroed (they then drop out of the clip norm)."""
+        if self.guards:
+            mask_gradients(params, masks)
+
+    def before_step(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
+        """Also snapshot the guarded tensors, once per step (now, not in the step pre-hook that precedes the
+        closure, so the copy is not held through forward and backward)."""
+        super().before_step(params, masks)
+        for g in self.guards:
+            g.snapshot()
+
+    def remove(self) -> None:
+        for g in self.guards:
+            g.remove()
+        self.guards = []
+        super().remove()
+
+
+class CompactState(Enforcer):
+    """``sparse_optimizer_state``: each optimizer is rewired to train compact tensors of the kept entries
+    (:class:`CompactOptimizer`), so its state holds the kept entries only; the masks are a view rebuilt from the
+    compact int32 indices."""
+
+    sparse = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compact: list[CompactOptimizer] = []
+        self._handles: list = []  # load_state_dict pre-hooks
+        self._view: Mapping[str, Tensor] = {}
+
+    def _install(self, by_param: dict[nn.Parameter, Tensor], masks: Mapping[str, Tensor]) -> None:
+        self.compact = [CompactOptimizer(opt, by_param) for opt in self._optimizers]
+        self._view = self.mask_view(self._params, masks)
+        self._handles = [opt.register_load_state_dict_pre_hook(self._before_state_load) for opt in self._optimizers]
 
     def repair(self, masks: Mapping[str, Tensor]) -> None:
-        """Re-enforce ``masks`` after the param groups were rebuilt. Dense: the guards follow the new groups.
-        Compact: only before the optimizer state is loaded (a resume; see :meth:`_before_state_load`): during
-        training the compact tensors' state would be lost, so it is refused."""
-        if self.sparse:
-            raise RuntimeError(
-                "FISH: the optimizer's param groups were rebuilt during training (another callback or the "
-                "LightningModule replaced its parameters) after sparse_optimizer_state compacted them; the kept "
-                "entries' optimizer state would be lost. Use sparse_optimizer_state=False with such a callback"
-            )
-        self.install(self._optimizers, self._params, masks)
+        """Refused during training (only before the optimizer state is loaded, see :meth:`_before_state_load`): the
+        compact tensors' state would be lost."""
+        raise RuntimeError(
+            "FISH: the optimizer's param groups were rebuilt during training (another callback or the "
+            "LightningModule replaced its parameters) after sparse_optimizer_state compacted them; the kept "
+            "entries' optimizer state would be lost. Use sparse_optimizer_state=False with such a callback"
+        )
 
     def _before_state_load(self, optimizer: Optimizer, state_dict: dict) -> None:
         """A resume: another callback's ``on_fit_start`` (``BaseFinetuning``) may have put the dense parameters
@@ -110,23 +199,17 @@ class MaskEnforcer:
             self.remove()
             self.install(optimizers, params, masks)
 
-    def untrained(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> list[str]:
-        """Names with kept entries that no installed optimizer trains (their parameter, or its compact tensor,
-        is in none of the param groups)."""
-        if not self.installed:
-            return []
-        held = {id(p) for opt in self._optimizers for g in opt.param_groups for p in g["params"]}
+    def _held(self, ids: set[int]) -> set[int]:
         for comp in self.compact:  # a compacted parameter trains through its compact tensor only
             for p, c in comp.compacted:
-                held.discard(id(p))
-                if id(c) in held:
-                    held.add(id(p))
-        return [n for n, m in masks.items() if id(params[n]) not in held and bool(m.any())]
+                ids.discard(id(p))
+                if id(c) in ids:
+                    ids.add(id(p))
+        return ids
 
     def mask_view(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-        """With compact optimizers: ``masks`` as a read-only view that rebuilds each bool mask from the compact
-        int32 indices on access (no byte per candidate kept; masks of parameters in no optimizer stay as given).
-        Dense: ``masks`` itself (the guards and the gradient masking use them every step)."""
+        """``masks`` as a read-only view that rebuilds each bool mask from the compact int32 indices on access (no
+        byte per candidate kept; masks of parameters in no optimizer stay as given)."""
         if not self.compact:
             return masks
         by_id: dict[int, Callable[[], Tensor]] = {}
@@ -135,49 +218,34 @@ class MaskEnforcer:
         builders = {n: by_id[id(params[n])] for n in masks if id(params[n]) in by_id}
         return CompactMasks(builders, {n: m for n, m in masks.items() if n not in builders}, list(masks))
 
+    def gather_grads(self) -> None:
+        """Compact gradients gathered from the dense ones (added up over accumulated backwards)."""
+        for c in self.compact:
+            c.gather_grads()
+
     def after_backward(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
-        """Right after each backward, before anything (the user's ``clip_gradients`` under manual optimization,
-        Lightning's clipping) reads the gradients: compact gradients gathered (added up over accumulated
-        backwards), or frozen gradients zeroed (they then drop out of the clip norm)."""
-        if self.compact:
-            for c in self.compact:
-                c.gather_grads()
-        elif self.guards:
-            mask_gradients(params, masks)
+        """Right after each backward, before anything reads the gradients: the compact gradients gathered."""
+        self.gather_grads()
 
-    def before_step(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
-        """Right before the optimizer step: the same for gradients that arrived without a Lightning backward,
-        and the guarded tensors snapshot (once per step; now, not in the step pre-hook that precedes the
-        closure, so the copy is not held through forward and backward)."""
-        self.after_backward(params, masks)
-        for g in self.guards:
-            g.snapshot()
-
-    def reselect(
-        self, optimizers: Sequence[Optimizer], params: Mapping[str, nn.Parameter], old: Mapping[str, Tensor],
-        new: Mapping[str, Tensor],
-    ) -> None:  # fmt: skip
-        """Move to a re-selected mask: back to dense parameters (kept entries' state scattered back), newly kept
-        entries start with zero optimizer state, then enforce ``new``."""
+    def _to_dense(self) -> None:
+        """Back to dense parameters, the kept entries' state scattered back."""
         for c in self.compact:
             c.expand()
         self.compact = []
-        self.remove()
-        for n, m in new.items():
-            newly = m & ~old[n]
-            for opt in optimizers:
-                zero_state_entries(opt, params[n], newly)
-        self.install(optimizers, params, new)
 
     def remove(self) -> None:
         """Detach every hook (the compact optimizers stay rewired: their state is what a checkpoint holds)."""
-        for g in self.guards:
-            g.remove()
         for c in self.compact:
             c.remove()
         for h in self._handles:
             h.remove()
-        self.guards, self.compact, self._optimizers, self._layouts, self._handles = [], [], [], [], []
+        self.compact, self._handles = [], []
+        super().remove()
+
+
+def MaskEnforcer(sparse: bool) -> Enforcer:  # noqa: N802 (a factory named for what it builds)
+    """The enforcer of ``sparse_optimizer_state=sparse``: :class:`CompactState` or :class:`DenseGuard`."""
+    return CompactState() if sparse else DenseGuard()
 
 
 def layout(optimizer: Optimizer) -> tuple[tuple[int, ...], ...]:

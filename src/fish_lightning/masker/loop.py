@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fish_lightning.core.fisher import batch_size
+from fish_lightning.masker.enforcer import CompactState
 from fish_lightning.masker.host import LoopHost
 
 if TYPE_CHECKING:
@@ -134,9 +135,8 @@ class PlainLoop:
         inv = 1.0
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             inv = 1.0 / float(scaler.get_scale())
-        if m.mask is not None and m.enforcer.compact:
-            for c in m.enforcer.compact:
-                c.gather_grads()
+        if m.mask is not None and isinstance(m.enforcer, CompactState):
+            m.enforcer.gather_grads()
         m.before_step(optimizer, automatic=True, inv_scale=inv)
         self._in_step = True
 

@@ -31,7 +31,7 @@ from fish_lightning.core.selection import get_scorer, num_kept, select_masks
 from fish_lightning.masker import collectives as distributed
 from fish_lightning.masker import state as ckpt
 from fish_lightning.masker.calibration import calibrate_fisher
-from fish_lightning.masker.enforcer import MaskEnforcer
+from fish_lightning.masker.enforcer import Enforcer, MaskEnforcer
 from fish_lightning.masker.frozen import FrozenMask, log_anatomy
 from fish_lightning.masker.log import info, warn
 from fish_lightning.masker.phases import Phase
@@ -70,7 +70,7 @@ class FishMasker:
         self.candidates: list[str] | None = None
         self.warmup: WarmupFisher | None = None
         self.mask: FrozenMask | None = None
-        self.enforcer = MaskEnforcer(s.sparse_optimizer_state)
+        self.enforcer: Enforcer = MaskEnforcer(s.sparse_optimizer_state)
         self.gate = StepGate(on_step_end=self._after_optimizer_step)
         self.params: dict[str, nn.Parameter] = {}
         self.sharded: set[str] = set()
