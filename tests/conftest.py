@@ -166,3 +166,14 @@ class KillAfterCheckpoint(pl.Callback):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def kept_run(tmp_path_factory):
+    """One uninterrupted fish-train run (tiny BERT with dropout, LoRA, FISH): its directory and the process, shared
+    by tests/app's artifact and resume tests."""
+    from fish_train_runs import keep_run
+
+    run_dir, proc = keep_run(tmp_path_factory, "kept")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
