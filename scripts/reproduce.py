@@ -100,7 +100,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--pooling", default="mean", choices=("cls", "mean"), help="model.net.pooling")
     ap.add_argument("--ablation", action="store_true", help="warmup-length ablation for FISH-LoRA (at --lrs[0])")
-    ap.add_argument("--quick", action="store_true", help="sst2, 2 methods, 2 rates, 1 seed, 480 rows, 1 epoch")
+    ap.add_argument("--quick", action="store_true",
+                    help="sst2, 2 methods, 2 rates, 1 seed, 480 rows, 1 epoch, 128 dev rows")
     ap.add_argument("--extra", nargs="*", default=[], help="more fish-train overrides for every run")
     ap.add_argument("--workers", type=int, default=1, help="processes (each single-threaded when > 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of a single worker")
@@ -111,6 +112,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.tasks, args.peft, args.seeds, args.lrs = "sst2", "lora", 1, "1e-3,3e-3"
         args.methods = args.methods or "lora-r2,lora-r8+fisher"
         args.train_samples, args.holdout, args.epochs, args.warmup_steps = 480, 160, 1, 5
+        args.extra = [*args.extra, "data.val_samples=128"]  # the final runs score 128 dev rows, not all
     for task in args.tasks.split(","):
         if task not in TASKS:
             raise SystemExit(f"reproduce.py: unknown task {task!r}: expected some of {TASKS}")

@@ -116,13 +116,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reuse", default=None, help="scripts/reproduce.py's output: copy its matching runs "
                                                   "(its heads share the method's rate: only with --head-lr shared)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--quick", action="store_true", help="sst2, 3 small methods, 1 rate, 1 seed, 320 rows, 1 epoch")
+    ap.add_argument("--quick", action="store_true",
+                    help="sst2, 3 small methods, 1 rate, 1 seed, 320 rows, 1 epoch, 128 dev rows")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--extra", nargs="*", default=[], help="more fish-train overrides for every run")
     args = ap.parse_args(argv)
     if args.quick:
         args.tasks, args.seeds, args.train_samples, args.holdout, args.epochs = "sst2", 1, 320, 96, 1
         args.calibration_samples = 64
+        args.extra = [*args.extra, "data.val_samples=128"]  # the final runs score 128 dev rows, not all
         args.methods = args.methods or "head-only,lora-r8+fisher@1%,full+fisher@0.5%-calibration"
         args.full_tasks = "sst2"
     if args.reuse and args.head_lr != "shared":

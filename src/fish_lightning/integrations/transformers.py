@@ -31,6 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from fish_lightning.core.fisher import batch_size
 from fish_lightning.core.masking import mask_gradients
+from fish_lightning.masker.backward_end import AtBackwardEnd
 from fish_lightning.masker.checks import check_budget, load_given_masks
 from fish_lightning.masker.host import LoopHost
 from fish_lightning.masker.masker import FishMasker
@@ -121,7 +122,7 @@ class FishTrainerCallback(MaskerView, TrainerCallback):
         self._trainer: Trainer | None = None
         self._model: nn.Module | None = None
         self._handles: list[Any] = []
-        self._queued = False
+        self._end = AtBackwardEnd(self._backward_done)
         self._probing = False
         self._honors_num_items: bool | None = None  # decided from the first warmup batch that passes it
 
@@ -166,7 +167,7 @@ class FishTrainerCallback(MaskerView, TrainerCallback):
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             inner.register_step_pre_hook(self._before_step),
         ]
-        self._handles += [p.register_post_accumulate_grad_hook(self._grad_arrived) for p in m.params.values()]
+        self._handles += self._end.attach(m.params.values())
         m.begin_training(model)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
@@ -304,13 +305,7 @@ class FishTrainerCallback(MaskerView, TrainerCallback):
         finally:
             self._probing = False
 
-    def _grad_arrived(self, p: Tensor) -> None:
-        if not self._queued:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
-
     def _backward_done(self) -> None:
-        self._queued = False
         m = self.masker
         if m.mask is not None:
             accelerator = getattr(self._trainer, "accelerator", None)

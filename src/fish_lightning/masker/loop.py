@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fish_lightning.core.fisher import batch_size
+from fish_lightning.masker.backward_end import AtBackwardEnd
 from fish_lightning.masker.enforcer import CompactState
 from fish_lightning.masker.host import LoopHost
 
@@ -36,7 +37,7 @@ class PlainLoop:
         self.optimizer: Optimizer | None = None
         self._handles: list[Any] = []
         self._in_step = False  # a forward inside the optimizer's step (a closure) is the same batch
-        self._queued = False
+        self._end = AtBackwardEnd(self._backward_done)
         masker.bind(model, self.host)
         masker.start(set(), self._given_masks(), None)
 
@@ -79,8 +80,7 @@ class PlainLoop:
             # global: it runs after the optimizer's own post-hooks, so the freeze may register new ones
             register_optimizer_step_post_hook(self._after_step),
         ]
-        for p in m.params.values():
-            self._handles.append(p.register_post_accumulate_grad_hook(self._grad_arrived))
+        self._handles += self._end.attach(m.params.values())
         m.begin_training(self.model)
         return optimizer
 
@@ -115,13 +115,7 @@ class PlainLoop:
             else:
                 m.freeze_if_due(module)
 
-    def _grad_arrived(self, p: Tensor) -> None:
-        if not self._queued:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
-
     def _backward_done(self) -> None:
-        self._queued = False
         m = self.masker
         if m.mask is not None:
             from fish_lightning.core.masking import mask_gradients
