@@ -104,7 +104,8 @@ def plot_metric_vs_params(rows: Sequence[dict[str, Any]], path: str | os.PathLik
     Each point is the mean over seeds with the sample std as an error bar and a shaded band along the line; points
     of different lines at one budget are spread a little sideways so none hides another; vanilla ranks are one
     dashed line with each point's rank written next to it; a head-only reference is also a dotted level. The
-    legend names every line with its number of seeds. Returns ``False`` (nothing written) if no point remains.
+    legend, beside the axes, names every line with its number of seeds. Returns ``False`` (nothing written) if no
+    point remains.
     """
     by_task = curve_lines(rows)
     if not by_task:
@@ -127,7 +128,7 @@ def curve_figure(rows: Sequence[dict[str, Any]], by_task: dict[str, list[dict[st
     tasks = list(by_task)
     ncols = min(len(tasks), 3)
     nrows = math.ceil(len(tasks) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(9.5 * ncols, 4.8 * nrows), squeeze=False)  # + legend
     for ax in axes.flat[len(tasks) :]:
         ax.set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -154,7 +155,7 @@ def curve_figure(rows: Sequence[dict[str, Any]], by_task: dict[str, list[dict[st
         ax.set_ylabel(f"{metrics[0]} (mean ± std over seeds)" if len(metrics) == 1 else "metric (mean ± std)")
         ax.set_title(task)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # off the data
     fig.tight_layout()
     return fig
 
