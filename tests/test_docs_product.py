@@ -29,3 +29,40 @@ def test_readme_starts_with_the_two_commands_and_links_exist():
                if not (ROOT / link).exists()]  # fmt: skip
     assert not missing, missing
     assert len(text.splitlines()) <= 200  # a product README, not a lab notebook
+
+
+def _resolve(dotted: str) -> object:
+    """Import the longest importable prefix of ``dotted`` and read the rest as attributes."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def test_every_import_path_the_docs_show_resolves():
+    """``from fish_lightning... import a, b`` lines and backticked ``fish_lightning.x.y`` names in README and docs/."""
+    names = set()
+    for page in PAGES:
+        text = page.read_text()
+        for module, imported in re.findall(r"^\s*from (fish_lightning[\w.]*) import ([\w, ]+)", text, re.MULTILINE):
+            names |= {f"{module}.{n.strip()}" for n in imported.split(",") if n.strip()}
+        names |= {m for m in re.findall(r"`(fish_lightning(?:\.\w+)+)", text) if not m.endswith(".json")}
+    source = "\n".join(p.read_text() for p in (ROOT / "src").rglob("*.py"))
+    loggers = {n for n in names if f'getLogger("{n}")' in source}  # logger names, not modules
+    names -= loggers
+    assert len(names) > 20
+    broken = []
+    for name in sorted(names):
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError) as e:
+            broken.append(f"{name}: {e}")
+    assert not broken, "\n".join(broken)
