@@ -142,11 +142,11 @@ def rel_err(fisher, reference):
     return num / den
 
 
-def run_warmup_fisher(model, rows, tmp_path, **overrides):
+def run_warmup_fisher(model, rows, tmp_path, trainer_class=Trainer, **overrides):
     fish = FishTrainerCallback(sparsity=0.5, warmup_steps=1, mask_epoch=None, keep_fisher=True)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = arguments(tmp_path, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2, **overrides)
-    Trainer(model=model, args=args, train_dataset=rows, callbacks=[fish]).train()
+    trainer_class(model=model, args=args, train_dataset=rows, callbacks=[fish]).train()
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(start[n])
@@ -181,6 +181,42 @@ def test_fisher_equals_batch_size_one_loop_causal_lm(tmp_path, checkpointing):
 
     reference = reference_fisher(model, rows, fish.masker.params, loss_fn)
     assert rel_err(fish.fisher, reference) < 1e-4
+
+
+class OwnLossTrainer(Trainer):
+    """Computes the loss itself, as TRL's ``SFTTrainer`` does: the model gets the labels but not
+    ``num_items_in_batch``; the loss is the sum of token NLLs over ``num_items_in_batch`` (the step's tokens)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        logits, target = outputs.logits[:, :-1], inputs["labels"][:, 1:]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum", ignore_index=-100)
+        loss = nll / num_items_in_batch
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_fisher_when_a_trainer_subclass_normalises_its_own_loss_by_num_items(tmp_path):
+    model, rows = causal_lm(), lm_rows(n=8)
+    fish = run_warmup_fisher(model, rows, tmp_path, trainer_class=OwnLossTrainer)
+    assert fish._honors_num_items is True
+    model.eval()
+
+    def loss_fn(b):  # one example = one sequence: mean NLL over its label tokens
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        target = b["labels"][:, 1:]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none", ignore_index=-100)
+        return nll.view(target.shape).sum(1) / (target != -100).sum(1)
+
+    reference = reference_fisher(model, rows, fish.masker.params, loss_fn)
+    assert rel_err(fish.fisher, reference) < 1e-4
+
+
+def test_the_trainers_compute_loss_is_its_own_again_after_training(tmp_path):
+    model, rows = causal_lm(), lm_rows(n=8)
+    fish = FishTrainerCallback(sparsity=0.5, warmup_steps=1, mask_epoch=None)
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=rows, callbacks=[fish])
+    trainer.train()
+    assert "compute_loss" not in vars(trainer)  # the recording wrapper is gone
 
 
 def test_fisher_when_the_model_ignores_num_items_in_batch(tmp_path):

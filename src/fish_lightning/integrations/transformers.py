@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -125,6 +125,8 @@ class FishTrainerCallback(MaskerView, TrainerCallback):
         self._end = AtBackwardEnd(self._backward_done)
         self._probing = False
         self._honors_num_items: bool | None = None  # decided from the first warmup batch that passes it
+        self._seen: ItemsSeen | None = None
+        self._pending: tuple | None = None  # (forward kwargs, batch size[, output]) until compute_loss returns
 
     # ------------------------------------------------------------------ public, read-only: MaskerView
 
@@ -165,9 +167,13 @@ class FishTrainerCallback(MaskerView, TrainerCallback):
         m.start(set(), given, restored)
         self._handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True),
             inner.register_step_pre_hook(self._before_step),
         ]
         self._handles += self._end.attach(m.params.values())
+        self._pending = None
+        self._seen = ItemsSeen(trainer, self._after_loss)
+        self._handles.append(self._seen)
         m.begin_training(model)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
@@ -227,42 +233,62 @@ class FishTrainerCallback(MaskerView, TrainerCallback):
             m.freeze_if_due(module)
             return
         if self._honors_num_items is None and m.warmup is not None and m.warmup.hooks is not None:
-            self._decide_num_items(module, args, kwargs)
+            self._pending = (kwargs, n)  # decided after compute_loss (:meth:`_after_loss`)
         m.start_batch(module, batch, self.example_weights(kwargs, n))
 
-    def _decide_num_items(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Once, on the first warmup batch with ``num_items_in_batch`` and token labels: whether the model's loss
-        is normalised by it (a model's ``loss_function``) or is its own mean over tokens (a model that ignores it),
-        from one extra forward without gradient (eval mode, RNG forked)."""
-        labels, items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
-        if items is None or not isinstance(labels, Tensor) or labels.dim() < 2:
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._pending is not None:
+            self._pending = (*self._pending[:2], output)
+
+    def _after_loss(self, loss: Any) -> None:
+        """After ``compute_loss``, before the backward, once on the first warmup batch with ``num_items_in_batch``
+        and token labels: whether the loss the Trainer backpropagates is normalised by ``num_items_in_batch`` (a
+        model's ``loss_function``, or a Trainer subclass's own loss) or is the micro-batch's own mean over tokens (a
+        model that ignores it), read from the loss and the forward's logits; a mean re-weights this batch."""
+        pending, self._pending = self._pending, None
+        if pending is None or len(pending) < 3 or self._honors_num_items is not None:
+            return
+        kwargs, n, output = pending
+        labels, items = kwargs.get("labels"), self._num_items(kwargs)
+        loss = loss[0] if isinstance(loss, tuple) else loss
+        if items is None or not isinstance(labels, Tensor) or labels.dim() < 2 or not isinstance(loss, Tensor):
             return
         lab = self._scored_labels(labels)
         tokens, n_items = float((lab != IGNORE_INDEX).sum()), float(items)
         if tokens == 0 or math.isclose(tokens, n_items):
             return  # the two readings agree on this batch: decide on a later one
-        self._probing = True
-        was_training = module.training
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                module.eval()
-                output = module(*args, **kwargs)
-        finally:
-            module.train(was_training)
-            self._probing = False
-        loss, logits = getattr(output, "loss", None), getattr(output, "logits", None)
-        if not isinstance(loss, Tensor) or not isinstance(logits, Tensor) or logits.shape[:-1] != labels.shape:
-            self._honors_num_items = True  # nothing to compare: the Trainer's own reading
+        logits = getattr(output, "logits", None)
+        if not isinstance(logits, Tensor) or logits.shape[:-1] != labels.shape:
+            self._honors_num_items = True  # nothing to compare (e.g. a fused head): the Trainer's own reading
             return
-        lg = logits[..., :-1, :] if lab.shape != labels.shape else logits
-        nll = float(torch.nn.functional.cross_entropy(lg.float().flatten(0, -2), lab.flatten(), reduction="sum",
-                                                      ignore_index=IGNORE_INDEX))  # fmt: skip
-        value = float(loss.float())
+        with torch.no_grad():
+            lg = logits[..., :-1, :] if lab.shape != labels.shape else logits
+            nll = float(torch.nn.functional.cross_entropy(lg.float().flatten(0, -2), lab.flatten(), reduction="sum",
+                                                          ignore_index=IGNORE_INDEX))  # fmt: skip
+        value = float(loss.detach().float()) / self._token_multiplier(items)
         self._honors_num_items = abs(value - nll / n_items) <= abs(value - nll / tokens)
         if not self._honors_num_items:
             warnings.warn("FISH: the model's loss ignores num_items_in_batch (it is a mean over the micro-batch's "
                           "own tokens) while the Trainer does not divide it by gradient_accumulation_steps; the "
                           "per-example Fisher follows the loss as computed", stacklevel=2)  # fmt: skip
+            m = self.masker
+            if m.warmup is not None and m.warmup.hooks is not None:
+                m.warmup.hooks.reweight(self.example_weights(kwargs, n))
+
+    def _token_multiplier(self, items: Any) -> float:
+        """The factor ``compute_loss`` applies when it averages tokens across devices (1 on one process)."""
+        trainer = self._trainer
+        accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
+        custom = getattr(trainer, "compute_loss_func", None) is not None
+        if trainer.args.average_tokens_across_devices and (accepts or custom) and items is not None:
+            return float(trainer.accelerator.num_processes // max(1, trainer.get_tp_size()))
+        return 1.0
+
+    def _num_items(self, kwargs: Mapping[str, Any]) -> Any:
+        """The step's ``num_items_in_batch``: passed to the model, or else handed to ``compute_loss`` (a Trainer
+        subclass such as TRL's ``SFTTrainer`` may normalise its own loss by it without passing it on)."""
+        items = kwargs.get("num_items_in_batch")
+        return items if items is not None or self._seen is None else self._seen.items
 
     def _scored_labels(self, labels: Tensor) -> Tensor:
         """The labels the loss scores: shifted by one for a causal LM (position 0 is never a target)."""
@@ -273,7 +299,7 @@ class FishTrainerCallback(MaskerView, TrainerCallback):
         backpropagates into the square of its own loss gradient: ``(1 / (c_i * loss_scale))**2`` with ``c_i =
         d(trainer loss) / d(loss_i)``. Examples without a scored label weigh 0."""
         trainer = self._trainer
-        labels, items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
+        labels, items = kwargs.get("labels"), self._num_items(kwargs)
         accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
         custom = getattr(trainer, "compute_loss_func", None) is not None
         if isinstance(labels, Tensor) and labels.dim() >= 2 and labels.shape[0] == n:  # token labels
@@ -285,9 +311,7 @@ class FishTrainerCallback(MaskerView, TrainerCallback):
         else:  # a custom compute_loss: loss_reduction over the examples
             per = torch.ones(n, dtype=torch.float64)
             denominator = float(n) if self.settings.loss_reduction == "mean" else 1.0
-        multiplier = 1.0
-        if trainer.args.average_tokens_across_devices and (accepts or custom) and items is not None:
-            multiplier = float(trainer.accelerator.num_processes // max(1, trainer.get_tp_size()))
+        multiplier = self._token_multiplier(items)
         scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
         if scaled is None:
             scaled = (accepts and items is not None) or custom
@@ -333,6 +357,29 @@ class FishTrainerCallback(MaskerView, TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+class ItemsSeen:
+    """Records the ``num_items_in_batch`` the Trainer hands ``compute_loss`` for the current micro-batch and hands
+    the loss it returns to ``after``, by an instance attribute over the Trainer's method (``remove()`` takes it
+    away again)."""
+
+    def __init__(self, trainer: Trainer, after: Callable[[Any], None]) -> None:
+        self.trainer, self.items = trainer, None
+        original = trainer.compute_loss
+
+        def compute_loss(model: nn.Module, inputs: Any, *args: Any, num_items_in_batch: Any = None,
+                         **kwargs: Any) -> Any:  # fmt: skip
+            self.items = num_items_in_batch
+            loss = original(model, inputs, *args, num_items_in_batch=num_items_in_batch, **kwargs)
+            after(loss)
+            return loss
+
+        trainer.compute_loss = compute_loss  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        self.trainer.__dict__.pop("compute_loss", None)
+        self.items = None
+
+
 def find_trainer() -> tuple[Trainer | None, str | None]:
     """The ``Trainer`` whose ``train()`` is running (the callback events do not pass it), and the checkpoint folder
     it resumes from (``train(resume_from_checkpoint=...)``, resolved; ``None`` for a fresh run)."""

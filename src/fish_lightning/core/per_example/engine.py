@@ -201,6 +201,10 @@ class PerExampleSquaredGrads:
         self._batch, self.factor, self._calls, self._pending, self._hooked = batch_size, factor, {}, {}, {}
         self._packed = {}
 
+    def reweight(self, factor: Tensor) -> None:
+        """Replace the current batch's per-example multipliers (``[batch_size]``) before its backward."""
+        self._weights, self.factor = factor.detach().float().clamp_min(0).sqrt(), 1.0
+
     def finish_batch(self) -> None:
         """Call after the backward: squares the buffered gradients of multi-call modules."""
         for name, g in self._pending.items():  # (arrival order: the same on every rank)
