@@ -136,6 +136,18 @@ def reference_fisher(model, rows, params, loss_fn):
     return fisher
 
 
+def sequence_nll(model):
+    """The causal LM's per-example loss: one example = one sequence, mean NLL over its label tokens."""
+
+    def loss_fn(b):
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        target = b["labels"][:, 1:]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none", ignore_index=-100)
+        return nll.view(target.shape).sum(1) / (target != -100).sum(1)
+
+    return loss_fn
+
+
 def rel_err(fisher, reference):
     num = sum(float((fisher[n] - reference[n]).abs().sum()) for n in reference)
     den = sum(float(reference[n].abs().sum()) for n in reference)
@@ -173,13 +185,7 @@ def test_fisher_equals_batch_size_one_loop_causal_lm(tmp_path, checkpointing):
     fish = run_warmup_fisher(model, rows, tmp_path, gradient_checkpointing=checkpointing)
     model.eval()
 
-    def loss_fn(b):  # one example = one sequence: mean NLL over its label tokens
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-        target = b["labels"][:, 1:]
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none", ignore_index=-100)
-        return nll.view(target.shape).sum(1) / (target != -100).sum(1)
-
-    reference = reference_fisher(model, rows, fish.masker.params, loss_fn)
+    reference = reference_fisher(model, rows, fish.masker.params, sequence_nll(model))
     assert rel_err(fish.fisher, reference) < 1e-4
 
 
@@ -201,13 +207,7 @@ def test_fisher_when_a_trainer_subclass_normalises_its_own_loss_by_num_items(tmp
     assert fish._honors_num_items is True
     model.eval()
 
-    def loss_fn(b):  # one example = one sequence: mean NLL over its label tokens
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-        target = b["labels"][:, 1:]
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none", ignore_index=-100)
-        return nll.view(target.shape).sum(1) / (target != -100).sum(1)
-
-    reference = reference_fisher(model, rows, fish.masker.params, loss_fn)
+    reference = reference_fisher(model, rows, fish.masker.params, sequence_nll(model))
     assert rel_err(fish.fisher, reference) < 1e-4
 
 
