@@ -150,6 +150,7 @@ def curve_figure(rows: Sequence[dict[str, Any]], by_task: dict[str, list[dict[st
             if line["kind"] == "reference" and len(pts) == 1:
                 ax.axhline(ys[0], color=color, ls=":", lw=1)
         ax.set_xscale("log")
+        ax.margins(x=0.06)  # room for the rank labels at the ends
         ax.set_xlabel("trainable parameters (log scale)")
         metrics = sorted({r["metric"] for r in rows if r["task"] == task})
         ax.set_ylabel(f"{metrics[0]} (mean ± std over seeds)" if len(metrics) == 1 else "metric (mean ± std)")
