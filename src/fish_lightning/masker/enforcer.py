@@ -3,6 +3,7 @@ optimizers (``sparse_optimizer_state``)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ class CompactMasks(Mapping[str, Tensor]):
         return len(self._names)
 
 
-class Enforcer:
+class Enforcer(ABC):
     """Frozen-entry enforcement over a list of optimizers: what both enforcers share (which optimizers, their
     param-group layouts as installed, the check that another callback did not rebuild them). Build one with
     :func:`MaskEnforcer`; :class:`DenseGuard` and :class:`CompactState` are the two kinds."""
@@ -105,20 +106,23 @@ class Enforcer:
         self._optimizers, self._layouts = [], []
 
     # what each kind does
+    @abstractmethod
     def _install(self, by_param: dict[nn.Parameter, Tensor], masks: Mapping[str, Tensor]) -> None:
-        raise NotImplementedError
+        """Enforce ``by_param`` (parameter -> mask) on the optimizers in ``self._optimizers``."""
 
     def _held(self, ids: set[int]) -> set[int]:
         return ids
 
-    def _to_dense(self) -> None:
-        pass
+    def _to_dense(self) -> None:  # noqa: B027 (nothing to undo by default: the dense guard trains in place)
+        """Put the optimizers back on the dense parameters before a re-selection."""
 
+    @abstractmethod
     def repair(self, masks: Mapping[str, Tensor]) -> None:
-        raise NotImplementedError
+        """Enforce again on optimizers whose param groups another callback rebuilt."""
 
+    @abstractmethod
     def after_backward(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
-        raise NotImplementedError
+        """Right after a backward, before anyone reads the gradients."""
 
 
 class DenseGuard(Enforcer):
