@@ -163,3 +163,31 @@ def test_the_readme_snippet_runs_as_written():
     masker = scope["masker"]
     assert masker.frozen and masker.freeze_step == 20 and masker.verify(model)["frozen_unchanged"]
     assert masker.num_kept == num_kept(sum(p.numel() for p in model.parameters()), 0.9)
+
+
+def test_grad_scaler_overflow_skips_one_step_and_the_fisher_stays_exact():
+    """``masker.wrap(optimizer, scaler=GradScaler)``: a step ``scaler.step`` skips (inf loss) is left out of the
+    warmup Fisher (its squares dropped, not counted); the rest equals the batch-size-1 loop at the same weights."""
+    model = Net()
+    masker = FishMasker(model, sparsity=0.5, warmup_steps=3, mask_epoch=None, keep_fisher=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    optimizer = masker.wrap(torch.optim.SGD(model.parameters(), lr=0.0), scaler=scaler)  # lr 0: same weights
+    data = batches(n=6)
+    for i, batch in enumerate(data):
+        loss = model(**batch).loss * (float("inf") if i in (1, 4) else 1.0)  # overflow in the warmup and after
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert masker.skipped_nonfinite_steps == 1 and masker.warmup_steps_done == 3 and masker.freeze_step == 3
+    params = dict(model.named_parameters())
+    reference = {n: torch.zeros_like(p) for n, p in params.items()}
+    for batch in (data[0], data[2], data[3]):
+        fisher, _ = per_example_fisher(lambda b: F.cross_entropy(model.body(b["x"]), b["labels"], reduction="none"),
+                                       batch, params)  # fmt: skip
+        for n in reference:
+            reference[n] += fisher[n]
+    err = sum(float((masker.fisher[n] - reference[n]).abs().sum()) for n in reference)
+    assert err / sum(float(r.abs().sum()) for r in reference.values()) < 1e-4
+    assert masker.verify(model)["frozen_unchanged"]

@@ -81,8 +81,17 @@ class PlainLoop:
             register_optimizer_step_post_hook(self._after_step),
         ]
         self._handles += self._end.attach(m.params.values())
+        if scaler is not None:
+            self._handles.append(SkippedSteps(scaler, optimizer, self._step_skipped))
         m.begin_training(self.model)
         return optimizer
+
+    def _step_skipped(self, optimizer: Optimizer) -> None:
+        """``scaler.step`` found inf/NaN gradients and did not call ``optimizer.step()``: the masker still sees the
+        step (a warmup step with non-finite gradients is left out of the Fisher, its squares dropped)."""
+        self.masker.before_step(optimizer, automatic=True, inv_scale=1.0)
+        self._in_step = False
+        self.masker.gate.reopen()
 
     def restore(self) -> None:
         m = self.masker
@@ -158,3 +167,31 @@ class PlainLoop:
             return losses
 
         return loader, checked, lambda b: b
+
+
+class SkippedSteps:
+    """Tells ``on_skip(optimizer)`` when ``scaler.step(optimizer)`` skips the step (fp16 overflow), by an instance
+    attribute over the ``GradScaler``'s method (``remove()`` takes it away again)."""
+
+    def __init__(self, scaler: Any, optimizer: Optimizer, on_skip: Callable[[Optimizer], None]) -> None:
+        self.scaler, self.stepped = scaler, False
+        original = scaler.step
+
+        def step(opt: Optimizer, *args: Any, **kwargs: Any) -> Any:
+            mark = optimizer.register_step_pre_hook(self._mark)
+            self.stepped = False
+            try:
+                result = original(opt, *args, **kwargs)
+            finally:
+                mark.remove()
+            if opt is optimizer and not self.stepped:
+                on_skip(opt)
+            return result
+
+        scaler.step = step
+
+    def _mark(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
+        self.stepped = True
+
+    def remove(self) -> None:
+        self.scaler.__dict__.pop("step", None)
