@@ -191,3 +191,6 @@ def test_grad_scaler_overflow_skips_one_step_and_the_fisher_stays_exact():
     err = sum(float((masker.fisher[n] - reference[n]).abs().sum()) for n in reference)
     assert err / sum(float(r.abs().sum()) for r in reference.values()) < 1e-4
     assert masker.verify(model)["frozen_unchanged"]
+    masker.unwrap()  # every hook and wrapper gone: the scaler's own step, no hooks on the model
+    assert "step" not in vars(scaler) and not model._forward_pre_hooks
+    assert masker.verify(model)["frozen_unchanged"] and masker.num_kept == num_kept(masker.num_candidates, 0.5)

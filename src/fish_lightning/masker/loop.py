@@ -93,6 +93,12 @@ class PlainLoop:
         self._in_step = False
         self.masker.gate.reopen()
 
+    def unwrap(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self.optimizer = [], None
+        self.masker.end()
+
     def restore(self) -> None:
         m = self.masker
         restored, m.restored = m.restored, None

@@ -166,6 +166,13 @@ class FishMasker:
                                "build it as FishMasker(model, ...) for a plain loop")  # fmt: skip
         return self._loop.wrap(optimizer, scaler)
 
+    def unwrap(self) -> None:
+        """End a plain loop: remove every hook ``wrap`` installed (model, backward, optimizer, ``scaler.step``) and
+        the enforcer's; the optimizer no longer guards frozen entries. The masks and ``verify`` stay usable."""
+        if self._loop is None:
+            raise RuntimeError("FishMasker.unwrap: the adapter releases its hooks at the end of training")
+        self._loop.unwrap()
+
     def set_epoch(self, epoch: int) -> None:
         """The current epoch (0-based), for ``mask_epoch``: call at the start of each epoch of a plain loop."""
         if self._loop is None:
