@@ -387,7 +387,10 @@ class FishMasker:
 
     def enforce(self) -> None:
         """Enforce the mask on the host's optimizers; with compact ones, ``masks`` becomes a view of their indices
-        (the bool masks are released)."""
+        (the bool masks are released). No optimizer yet (a plain loop restored before ``wrap``): nothing to guard;
+        ``begin_training`` enforces once there is one."""
+        if not self.host.optimizers:
+            return
         masks = dict(self.mask.masks)  # type: ignore[union-attr]
         self.enforcer.install(self.host.optimizers, self.params, masks)
         self.mask.masks = self.enforcer.mask_view(self.params, masks)  # type: ignore[union-attr]
