@@ -121,7 +121,11 @@ def verdicts(table: dict[str, dict[str, Any]], seeds: int) -> list[str]:
     for a, b in (("lora-r8+fisher@1%-calibration", "lora-r8+fisher@1%"), ("full+fisher@0.5%-calibration", "full"),
                  ("full+fisher@0.5%-calibration", "full+random@0.5%"), ("full+fisher@0.5%", "full"),
                  ("full+fisher@0.5%", "full+random@0.5%"), ("full+random@0.5%", "full"),
-                 ("full+fisher@0.1%-calibration", "full+random@0.1%")):  # fmt: skip
+                 ("full+fisher@0.1%-calibration", "full+random@0.1%"),
+                 ("full+fisher@0.5%-calibration", "full+random@0.5%-nowarmup"),
+                 ("full+random@0.5%-nowarmup", "full+random@0.5%"),
+                 ("full+fisher@0.1%-calibration", "full+random@0.1%-nowarmup"),
+                 ("full+random@0.1%-nowarmup", "full+random@0.1%")):  # fmt: skip
         line = _vs(table, a, b, seeds)
         if line:
             out.append(line)
@@ -137,7 +141,8 @@ def curve_rows(table: dict[str, dict[str, Any]], task: str) -> list[dict[str, An
         name, _, rest = method.partition("@")
         budget, _, variant = rest.partition("-")
         group = " ".join(t for t in (f"fish.sparsity={budget}" if budget else "",
-                                     "fish.calibration_samples=1024" if variant == "calibration" else "") if t)
+                                     "fish.calibration_samples=1024" if variant == "calibration" else "",
+                                     "fish.warmup_steps=0" if variant == "nowarmup" else "") if t)
         values = entry["values"]
         rows.append({"task": task, "method": name, "group": group, "metric": METRIC[task],
                      "trainable_params_min": entry["trainable"], "trainable_params_max": entry["trainable"],

@@ -19,7 +19,8 @@ and is counted the same way for every method):
   then, so every A entry scores 0), against ``lora-r8+fisher@1%`` (10 warmup steps);
 - ``full``: dense full fine-tuning; ``full+<fisher|random>@<0.5|0.1>%``: the FISH Mask over every weight but the
   head (embeddings, encoder, pooler), Fisher from 10 dense warmup steps; ``full+fisher@<b>%-calibration``: from
-  1,024 examples before any update, as the original FISH Mask.
+  1,024 examples before any update, as the original FISH Mask; ``full+random@<b>%-nowarmup``: a random mask drawn
+  before any update (no dense warmup steps), the original's random baseline.
 
 ``--reuse DIR`` copies matching finished runs of scripts/reproduce.py's study (LoRA r=2/r=8 and the masks sized
 by ``budget.r=2``, which keep exactly 25% of r=8's entries: the same runs as ``@25%``) instead of re-running them.
@@ -55,6 +56,7 @@ GRIDS = {
 }
 WARMUP = ["fish.mask_epoch=null", "fish.warmup_steps=10"]
 CALIBRATION = ["fish.mask_epoch=null", "fish.warmup_steps=0"]  # + fish.calibration_samples=<--calibration-samples>
+NO_WARMUP = ["fish.mask_epoch=null", "fish.warmup_steps=0"]  # a selection without a Fisher: the mask at the start
 HEAD_ONLY = ["peft=none", "fish=off", "+callbacks.head_only._target_=fish_lightning.app.freeze.TrainOnly",
              "+callbacks.head_only.patterns=[classifier]"]  # fmt: skip
 FULL = ["peft=none", "fish.exclude=[classifier]"]
@@ -65,6 +67,7 @@ PRIORITY = (
     "full+random@0.5%", "lora-r8+reverse@1%", "lora-r1", "lora-r8+fisher@1%-calibration", "full+fisher@0.5%",
     "lora-r8+reverse@6.25%", "lora-r8+reverse@0.1%", "lora-r8+fisher@25%", "lora-r8+random@25%",
     "lora-r8+reverse@25%", "full+fisher@0.1%-calibration", "full+random@0.1%", "full+fisher@0.1%",
+    "full+random@0.5%-nowarmup", "full+random@0.1%-nowarmup",
 )  # fmt: skip
 #: methods of scripts/reproduce.py's study that are the same runs
 REUSE = {"lora-r2": "lora-r2", "lora-r8": "lora-r8", "lora-r8+fisher@25%": "lora-r8+fisher",
@@ -91,6 +94,8 @@ def method_table() -> dict[str, tuple[str, list[str]]]:
                                                              *WARMUP])  # fmt: skip
         table[f"full+fisher@{budget}-calibration"] = ("full-sparse", [*FULL, "fish=fisher",
                                                                       f"fish.sparsity={sparsity}", *CALIBRATION])
+        table[f"full+random@{budget}-nowarmup"] = ("full-sparse", [*FULL, "fish=random", f"fish.sparsity={sparsity}",
+                                                                   *NO_WARMUP])  # fmt: skip
     assert set(table) == set(PRIORITY), set(table) ^ set(PRIORITY)
     return table
 
@@ -158,7 +163,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
             family, overrides = table[method]
             if family.startswith("full") and task not in args.full_tasks.split(","):
                 continue
-            if "fish.warmup_steps=0" in overrides:
+            if "fish.warmup_steps=0" in overrides and "fish=fisher" in overrides:  # calibration
                 overrides = [*overrides, f"fish.calibration_samples={args.calibration_samples}"]
             base = [f"data={task}", *common, *overrides]
             lrs = GRIDS[family][1:2] if args.quick else GRIDS[family]

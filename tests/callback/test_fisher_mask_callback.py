@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from conftest import SnapshotAtFreeze, TinyClassifier, make_loader, make_trainer, params_of
 from fish_lightning import FisherMaskCallback
 from fish_lightning.core.fisher import per_example_fisher
+from fish_lightning.core.selection import num_kept
 
 
 def fit(cb=None, max_epochs=3, model=None, loader=None, extra=(), **trainer_kw):
@@ -230,7 +231,9 @@ def test_nonfinite_warmup_gradient_warns_and_is_skipped():
         (dict(sparsity=1.0), r"sparsity=1\.0 is out of range"),
         (dict(sparsity=-0.1), r"sparsity=-0\.1 is out of range"),
         (dict(sparsity="0.5"), r"sparsity='0\.5'"),
-        (dict(warmup_steps=0), r"warmup_steps=0 must be an integer >= 1"),
+        (dict(warmup_steps=0), r"warmup_steps=0 must be an integer >= 1 \(0 is allowed only with "
+                               r"calibration_samples, mask_path or selection in \['random', 'magnitude'\]\)"),
+        (dict(warmup_steps=0, selection="reverse"), r"warmup_steps=0 must be an integer >= 1"),
         (dict(warmup_steps=2.5), r"warmup_steps=2\.5"),
         (dict(mask_epoch=-1), r"mask_epoch=-1"),
         (dict(mask_epoch=0), r"mask_epoch=0 freezes the mask before any warmup"),
@@ -243,6 +246,23 @@ def test_nonfinite_warmup_gradient_warns_and_is_skipped():
 def test_bad_constructor_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FisherMaskCallback(**kwargs)
+
+
+@pytest.mark.parametrize("selection", ["random", "magnitude"])
+def test_a_selection_without_fisher_freezes_before_any_step(selection):
+    """``random``/``magnitude`` need no warmup: ``warmup_steps=0, mask_epoch=None`` draws the mask at fit start,
+    and every frozen entry keeps its initial value."""
+    model = TinyClassifier()
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cb = FisherMaskCallback(sparsity=0.9, warmup_steps=0, mask_epoch=None, selection=selection)
+    fit(cb, max_epochs=1, model=model)
+    assert cb.freeze_step == 0 and cb.warmup_steps_done == 0
+    total = sum(m.numel() for m in cb.masks.values())
+    assert cb.num_kept == num_kept(total, 0.9) == sum(int(m.sum()) for m in cb.masks.values())
+    for n, p in model.named_parameters():
+        m = cb.masks[n]
+        assert torch.equal(p[~m], init[n][~m]) and (not m.any() or not torch.equal(p[m], init[n][m])), n
+    assert cb.verify(model)["frozen_unchanged"]
 
 
 def test_mask_epoch_past_max_epochs():

@@ -139,6 +139,18 @@ def test_state_dict_round_trips_into_a_fresh_masker_that_keeps_enforcing():
         assert torch.equal(p[~m], before[n][~m]) and (not m.any() or not torch.equal(p[m], before[n][m])), n
 
 
+def test_random_mask_without_warmup_freezes_at_wrap():
+    model = Net()
+    init = snapshot(model)
+    masker = FishMasker(model, sparsity=0.9, warmup_steps=0, mask_epoch=None, selection="random")
+    optimizer = masker.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01))
+    assert masker.frozen and masker.freeze_step == 0  # before any step
+    train(model, masker, optimizer, batches(4))
+    for n, p in model.named_parameters():
+        m = masker.masks[n]
+        assert torch.equal(p[~m], init[n][~m]) and (not m.any() or not torch.equal(p[m], init[n][m])), n
+
+
 def test_bad_use_gets_one_error():
     model = Net()
     masker = FishMasker(model, sparsity=0.5, warmup_steps=2, mask_epoch=None)

@@ -107,6 +107,9 @@ def test_sparsity_study_plan():
     calib = next(r for r in stsb if r.method == "full+fisher@0.5%-calibration")
     assert {"peft=none", "fish.exclude=[classifier]", "fish.sparsity=0.995", "fish.warmup_steps=0",
             "fish.calibration_samples=1024"} <= set(calib.overrides)  # fmt: skip
+    at_start = next(r for r in stsb if r.method == "full+random@0.5%-nowarmup")  # the original's random baseline
+    assert {"fish=random", "fish.sparsity=0.995", "fish.warmup_steps=0"} <= set(at_start.overrides)
+    assert not any(o.startswith("fish.calibration_samples") for o in at_start.overrides)
     head_grid = [r.dir(Path(args.out)) for r in first if r.stage == "grid"]
     assert all(r.head_from == head_grid for r in stsb if r.method != "head-only")  # heads at head-only's rate
     assert not first[0].head_from

@@ -48,7 +48,8 @@ class FisherMaskCallback(MaskerView, Callback):
     Args:
         sparsity: fraction of candidate entries frozen, in ``[0, 1)``; density is ``1 - sparsity``.
         warmup_steps: dense optimizer steps before the freeze whose gradients feed the Fisher (``>= 1``; ``0``
-            only with ``calibration_samples`` or ``mask_path``: the mask before any training step).
+            only with ``calibration_samples``, ``mask_path`` or a selection that reads no Fisher (``"random"``,
+            ``"magnitude"``): the mask before any training step).
         mask_epoch: the mask is frozen at the start of this epoch; ``None`` freezes right after ``warmup_steps``.
         include: regexes (``re.search``) over ``named_parameters()`` names; when given, the candidates are the
             trainable parameters matching any of them.

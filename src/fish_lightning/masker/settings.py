@@ -69,9 +69,12 @@ class FishSettings:
             check_bool(name, getattr(self, name))
         check_int("calibration_samples", self.calibration_samples, 1, none_ok=True)
         self._check_mask_path()
-        calibrated = self.calibration_samples is not None or self.mask_path is not None  # no warmup Fisher needed
-        check_int("warmup_steps", self.warmup_steps, 0 if calibrated else 1,
-                  hint="" if calibrated else " (0 is allowed only with calibration_samples or mask_path)")  # fmt: skip
+        check_choice("selection", self.selection, tuple(SCORERS))
+        fisherless = [n for n, scorer in SCORERS.items() if not scorer.needs_fisher]
+        # no warmup Fisher needed: one from calibration, a given mask, or a selection that reads no Fisher
+        calibrated = self.calibration_samples is not None or self.mask_path is not None or not self.needs_fisher
+        hint = f" (0 is allowed only with calibration_samples, mask_path or selection in {fisherless})"
+        check_int("warmup_steps", self.warmup_steps, 0 if calibrated else 1, hint="" if calibrated else hint)
         check_int("mask_epoch", self.mask_epoch, 0, none_ok=True)
         if self.mask_epoch == 0 and not calibrated:
             raise ValueError(
@@ -79,7 +82,6 @@ class FishSettings:
                 "estimate the Fisher from: use mask_epoch>=1, mask_epoch=None, or calibration_samples"
             )
         check_choice("scope", self.scope, SCOPES)
-        check_choice("selection", self.selection, tuple(SCORERS))
         check_choice("fisher_estimator", self.fisher_estimator, ESTIMATORS)
         check_choice("loss_reduction", self.loss_reduction, REDUCTIONS)
         check_int("reselect_every_n_steps", self.reselect_every_n_steps, 1, none_ok=True)
